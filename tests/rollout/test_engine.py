@@ -1,0 +1,153 @@
+"""RolloutEngine: greedy == generate, seeded sampling, stops, log-probs == trainer recomputation, prefix sharing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from h1rl.rollout import RolloutEngine, SamplingParams
+from h1rl.rollout.sampling import truncate
+
+LAYOUTS = {
+    "mixed": ["t", "m2", "i", "m2"],
+    "no_attention": ["m2", "m2"],
+    "no_mamba": ["t", "t"],
+    "with_identity": ["i", "m2", "t", "i"],
+}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def model(request):
+    return tiny_model(LAYOUTS[request.param])
+
+
+def random_prompts(lengths: list[int], vocab: int = 97) -> list[list[int]]:
+    return [torch.randint(1, vocab, (n,)).tolist() for n in lengths]
+
+
+def recomputed_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    """What a trainer computes: one full forward over prompt + completion, log_softmax(logits / T) of each token."""
+    ids = torch.tensor(prompt + completion)[None]
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def recomputed_logprobs_left_padded(model, rollout, temperature: float) -> list[torch.Tensor]:
+    """The same, but as GRPO does it: all rows in one left-padded batch (prompt) + right-padded completions."""
+    prompts, comps = rollout.prompt_ids, rollout.completions()
+    Tp, Tc = max(map(len, prompts)), max(map(len, comps))
+    ids = torch.zeros(len(prompts), Tp + Tc, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, c) in enumerate(zip(prompts, comps)):
+        ids[r, Tp - len(p) : Tp] = torch.tensor(p)
+        ids[r, Tp : Tp + len(c)] = torch.tensor(c)
+        mask[r, Tp - len(p) : Tp + len(c)] = 1
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[:, Tp - 1 : -1].float() / temperature
+    lp = torch.log_softmax(logits, -1).gather(2, ids[:, Tp:, None])[..., 0]
+    return [lp[r, : len(c)] for r, c in enumerate(comps)]
+
+
+def test_greedy_equals_generate(model):
+    prompts = random_prompts([6, 2, 9])
+    out = RolloutEngine(model, pad_token_id=0).generate(prompts, 2, SamplingParams(max_new_tokens=10, temperature=0))
+    for r, p in enumerate(out.prompt_ids):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(p) :]
+        assert out.completion_ids[r].tolist() == ref.tolist(), f"row {r}"
+
+
+def test_sampling_is_reproducible_under_a_seed_and_varies_without(model):
+    engine = RolloutEngine(model, pad_token_id=0)
+    prompts = random_prompts([5, 3])
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=1234)
+    a, b = engine.generate(prompts, 4, params), engine.generate(prompts, 4, params)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    other = engine.generate(prompts, 4, SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=99))
+    assert not torch.equal(a.completion_ids, other.completion_ids)
+    # the G completions of one prompt differ from each other
+    assert len({tuple(c) for c in a.completions()[:4]}) > 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_equal_full_forward_recomputation(model, temperature):
+    prompts = random_prompts([7, 3, 11, 1])
+    params = SamplingParams(max_new_tokens=14, temperature=temperature, top_k=30, stop_token_ids=[5, 6, 7], seed=7)
+    out = RolloutEngine(model, pad_token_id=0).generate(prompts, 3, params)
+    batched = recomputed_logprobs_left_padded(model, out, temperature)
+    for r, (p, c) in enumerate(zip(out.prompt_ids, out.completions())):
+        got = out.logprobs[r, : len(c)]
+        assert (got - recomputed_logprobs(model, p, c, temperature)).abs().max() <= 1e-4, f"row {r} alone"
+        assert (got - batched[r]).abs().max() <= 1e-4, f"row {r} in a left-padded batch"
+        assert (out.logprobs[r, len(c) :] == 0).all()
+
+
+def test_stop_tokens_and_length_cap_per_row():
+    model = tiny_model()
+    engine = RolloutEngine(model, pad_token_id=0)
+    # every token but 0 is a stop token for half of the vocabulary: some rows stop early, others run to the cap
+    stops = list(range(1, 97, 2))
+    params = SamplingParams(max_new_tokens=9, stop_token_ids=stops, seed=3)
+    out = engine.generate(random_prompts([4, 4, 4, 4]), 4, params)
+    assert {"stop", "length"} <= set(out.finish_reasons) or set(out.finish_reasons) == {"stop"}
+    for r, c in enumerate(out.completions()):
+        if out.finish_reasons[r] == "stop":
+            assert c[-1] in stops and not any(tok in stops for tok in c[:-1])
+        else:
+            assert len(c) == 9 and not any(tok in stops for tok in c)
+        assert (out.completion_ids[r, len(c) :] == 0).all()
+    assert out.completion_ids.shape[1] == int(out.lengths.max())
+
+
+def test_prefix_sharing_equals_prefilling_each_row_separately(model):
+    prompts = random_prompts([5, 8])
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    engine = RolloutEngine(model, pad_token_id=0)
+    shared = engine.generate(prompts, 3, params)
+    separate = engine.generate([p for p in prompts for _ in range(3)], 1, params)
+    assert torch.equal(shared.completion_ids, separate.completion_ids)
+    assert (shared.logprobs - separate.logprobs).abs().max() <= 1e-5
+
+
+def test_compaction_does_not_change_results():
+    model = tiny_model()
+    prompts = random_prompts([3, 6, 2])
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=list(range(1, 97, 3)), seed=11)
+    eager = RolloutEngine(model, pad_token_id=0, compact_fraction=0.0).generate(prompts, 4, params)  # every step
+    never = RolloutEngine(model, pad_token_id=0, compact_fraction=2.0).generate(prompts, 4, params)  # never
+    assert "stop" in eager.finish_reasons
+    assert torch.equal(eager.completion_ids, never.completion_ids)
+    assert (eager.logprobs - never.logprobs).abs().max() <= 1e-5
+
+
+def test_truncation_keeps_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda **kw: torch.isfinite(truncate(logits, SamplingParams(**kw)))[0].tolist()  # noqa: E731
+    assert keep(top_k=2) == [True, True, False, False]
+    assert keep(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    assert keep(top_p=0.5) == [True, False, False, False]
+    assert keep(min_p=0.2) == [True, True, True, False]  # threshold 0.1
+
+
+def test_repetition_penalty_discourages_repeats():
+    model = tiny_model()
+    prompts = random_prompts([6])
+    engine = RolloutEngine(model, pad_token_id=0)
+    plain = engine.generate(prompts, 1, SamplingParams(max_new_tokens=30, temperature=0))
+    penalised = engine.generate(prompts, 1, SamplingParams(max_new_tokens=30, temperature=0, repetition_penalty=5.0))
+    repeats = lambda ids: len(ids) - len(set(ids))  # noqa: E731
+    assert repeats(penalised.completions()[0]) < repeats(plain.completions()[0]) or repeats(plain.completions()[0]) == 0
+
+
+def test_bad_inputs_are_named():
+    model = tiny_model()
+    engine = RolloutEngine(model, pad_token_id=0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1, 2], []])
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside the vocabulary \[0, 97\): \[500\]"):
+        engine.generate([[1, 500]])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+    with pytest.raises(TypeError, match="needs an h1rl HybridForCausalLM"):
+        RolloutEngine(torch.nn.Linear(2, 2), pad_token_id=0)
