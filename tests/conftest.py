@@ -59,3 +59,24 @@ def left_padded_batch(lengths: list[int], vocab: int = 97, pad: int = 0) -> tupl
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request) -> list[str]:
     return LAYOUTS[request.param]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built in memory (no downloads): digits, a few words, chat markers, <pad>/<eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    words += [str(d) for d in range(10)] + ["+", "-", "*", "=", "what", "is", "the", "answer", "\\boxed{", "}"]
+    words += [f"w{i}" for i in range(97 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -71,14 +71,19 @@ class RolloutEngine:
     def generate(
         self,
         prompts: list[list[int]],
-        num_generations: int = 1,
+        num_generations: int | list[int] = 1,
         params: SamplingParams | None = None,
     ) -> Rollout:
+        """Sample `num_generations` completions of each prompt (one count for all, or one per prompt)."""
         params = params or SamplingParams()
         self._check_prompts(prompts)
         model, device = self.model, self.model.device
-        G, B = num_generations, len(prompts)
-        R = B * G
+        B = len(prompts)
+        counts = [num_generations] * B if isinstance(num_generations, int) else list(num_generations)
+        if len(counts) != B or min(counts) < 1:
+            raise ValueError(f"num_generations must be a positive int or one positive count per prompt, got {counts}")
+        G = torch.tensor(counts, device=device)  # (B,) completions per prompt
+        R = int(G.sum())
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item()))
 
@@ -154,7 +159,7 @@ class RolloutEngine:
         generated = int(lengths.sum())
         reasons = ["stop" if s else "length" for s in stopped.tolist()]
         return Rollout(
-            prompt_ids=[list(p) for p in prompts for _ in range(G)],
+            prompt_ids=[list(p) for p, g in zip(prompts, counts) for _ in range(g)],
             completion_ids=completion[:, :L].cpu(),
             logprobs=logprobs[:, :L].cpu(),
             lengths=lengths.cpu(),

@@ -1,0 +1,154 @@
+"""`HybridGRPOTrainer`: TRL's GRPOTrainer with rollouts from h1rl's recurrent engine.
+
+Everything about the algorithm stays TRL's (`GRPOConfig`, loss types, KL and reference model, reward contract,
+logging, PEFT, accelerate and DeepSpeed integration). Two methods are replaced, both private TRL hooks, which is
+why `pyproject.toml` pins `trl>=1.16,<1.17` and `tests/rl/` exercises them against that range:
+
+- `_generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)`: TRL's generation step.
+  Here the distinct prompts of the batch (TRL repeats each one `num_generations` times in a row) are prefilled
+  once and sampled by `h1rl.rollout.RolloutEngine` with the run's sampling settings. Under DeepSpeed ZeRO-3 the
+  parameters are gathered once for the whole rollout phase (TRL's `unwrap_model_for_generation`), never per
+  token. The engine's per-token log-probs come back to TRL as the sampling log-probs.
+- `_get_per_token_logps_and_entropies(...)`: when TRL asks for the *old* policy's log-probs of the batch it just
+  generated (it does so when generation and optimisation steps are misaligned, i.e. `steps_per_generation` or
+  `num_iterations` > 1), the engine's log-probs are returned instead of running one more forward pass: they are
+  the same numbers (`tests/rollout/test_engine.py` bounds the difference by 1e-4 in float32). Every other call
+  (the policy's training forward, the reference model) runs normally.
+
+Why not TRL's public `rollout_func`: it is marked experimental, receives un-tokenised prompts (so chat templating
+would have to be redone here), and its log-probs are only used with vLLM. The two hooks above keep TRL's
+tokenisation, tool and logging code paths intact.
+
+Rollouts are seeded from (`args.seed`, global step, process index, call counter), so a resumed run draws the same
+completions as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from h1rl.models.modeling import HybridForCausalLM
+from h1rl.rollout import RolloutEngine, SamplingParams
+
+
+def group_consecutive(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Collapse runs of identical consecutive prompts: ([p0, p0, p1, p1, p1]) -> ([p0, p1], [2, 3])."""
+    unique, counts = [], []
+    for ids in prompt_ids:
+        if unique and unique[-1] == ids:
+            counts[-1] += 1
+        else:
+            unique.append(list(ids))
+            counts.append(1)
+    return unique, counts
+
+
+class HybridGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` whose completions come from `h1rl.rollout.RolloutEngine` (see the module docstring).
+
+    Takes exactly `GRPOTrainer`'s arguments. The model (after PEFT wrapping, if any) must be an h1rl
+    `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since the engine replaces them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
+            raise ValueError("HybridGRPOTrainer generates with h1rl's engine: set use_vllm=False and "
+                             "use_transformers_paged=False in GRPOConfig")
+        base = self._hybrid_model(self.model)
+        if base is None:
+            raise TypeError(f"HybridGRPOTrainer needs an h1rl HybridForCausalLM, got {type(self.model).__name__}")
+        self._rollout_calls = 0
+        self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
+        self._serve_old_logps = False
+
+    @staticmethod
+    def _hybrid_model(model: torch.nn.Module) -> HybridForCausalLM | None:
+        """The HybridForCausalLM inside `model` (plain, PEFT-wrapped or accelerate-wrapped), or None."""
+        seen = model
+        for _ in range(4):
+            if isinstance(seen, HybridForCausalLM):
+                return seen
+            if hasattr(seen, "get_base_model"):
+                seen = seen.get_base_model()
+            elif hasattr(seen, "module"):
+                seen = seen.module
+            else:
+                return None
+        return None
+
+    def _sampling_params(self, mode: str) -> SamplingParams:
+        args = self.args
+        seed = hash((args.seed, self.state.global_step, self.accelerator.process_index, self._rollout_calls))
+        return SamplingParams(
+            max_new_tokens=args.max_completion_length,
+            temperature=args.temperature,
+            top_k=args.top_k or 0,
+            top_p=args.top_p if args.top_p is not None else 1.0,
+            min_p=args.min_p or 0.0,
+            repetition_penalty=args.repetition_penalty,
+            stop_token_ids=list(self.eos_token_ids),
+            seed=seed % (2**62),
+        )
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if images is not None or multimodal_fields or has_tool_images:
+            raise NotImplementedError("HybridGRPOTrainer handles text-only prompts")
+        mode = "train" if self.model.training else "eval"
+        unique, counts = group_consecutive(prompt_ids)
+        params = self._sampling_params(mode)
+        self._rollout_calls += 1
+        start = time.perf_counter()
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+        ):
+            # PEFT injects its adapters into the base model's layers, so the bare HybridForCausalLM includes them
+            engine = RolloutEngine(self._hybrid_model(unwrapped_model), pad_token_id=self._tokenizer.pad_token_id)
+            rollout = engine.generate(unique, counts, params)
+        elapsed = time.perf_counter() - start
+        completion_ids = rollout.completions()
+        logprobs = [row[:n].tolist() for row, n in zip(rollout.logprobs, rollout.lengths.tolist())]
+        self._served_logps = rollout.logprobs
+        self._metrics[mode]["rollout/tokens_per_s"].append(float(rollout.lengths.sum()) / max(elapsed, 1e-9))
+        self._metrics[mode]["rollout/seconds"].append(elapsed)
+        return completion_ids, logprobs
+
+    def _generate_and_score_completions(self, inputs):
+        self._served_logps = None
+        self._serve_old_logps = True
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._serve_old_logps = False
+            self._served_logps = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        serve = (
+            self._serve_old_logps
+            and self._served_logps is not None
+            and model is self.model
+            and not kwargs.get("compute_entropy", False)
+            and not kwargs.get("compute_aux_loss", False)
+            and input_ids.shape[0] == self._served_logps.shape[0]
+        )
+        if not serve:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._metrics["train" if self.model.training else "eval"]["rollout/old_logps_served"].append(1.0)
+        served = self._served_logps.to(input_ids.device)
+        logps = served.new_zeros(served.shape[0], logits_to_keep)
+        width = min(logits_to_keep, served.shape[1])
+        logps[:, :width] = served[:, :width]
+        return logps, None, None
