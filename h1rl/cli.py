@@ -3,7 +3,8 @@
     h1rl convert --teacher DIR --layout t,m2,m2,t --out DIR [--ssm-cfg JSON] [--dtype float32]
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
-    h1rl demo | distill | grpo | eval       (arrive with their issues; they say so instead of pretending)
+    h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
+    h1rl demo | distill | eval       (arrive with their issues; they say so instead of pretending)
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def _bench(args: argparse.Namespace) -> int:
                               generations=args.generations, out_dir=args.out)
         return 0
     raise AssertionError(args.what)  # argparse restricts the choices
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    """Hand the rest of the command line to a subcommand module's own `main(argv)` (it owns its options)."""
+    import importlib
+
+    return importlib.import_module(module).main(argv)
 
 
 def _not_yet(name: str):
@@ -72,14 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-rollout", help="rollout: folder for rollout.json and rollout.png")
     p.set_defaults(func=_bench)
 
-    for name in ("demo", "distill", "grpo", "eval"):
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # parsed by the module itself, see main()
+
+    for name in ("demo", "distill", "eval"):
         p = sub.add_parser(name, help=f"{name} (not available yet)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_yet(name))
     return parser
 
 
+# Subcommands whose options belong to their own module's `main(argv)`.
+DELEGATED = {
+    "grpo": ("h1rl.rl.run", "GRPO on a hybrid from a YAML recipe (resumes from its last checkpoint)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,9 +1,12 @@
 """`h1rl bench rollout`: rollout speed and decode memory, measured side by side in one run.
 
-Three comparisons, all sampling at temperature 1 with no stop tokens (every row generates the full length):
-1. engine vs `generate` on the same hybrid (half its layers m2): B prompts x G generations, N new tokens;
-2. hybrid (engine) vs its teacher transformer (`MistralForCausalLM.generate` with a static cache), the hybrid being
-   the teacher converted with every other layer m2, at several generated lengths;
+Three comparisons, sampling at temperature 1:
+1. engine vs `generate` on the same hybrid (half its layers m2): B prompts x G generations, up to N new tokens,
+   (a) with no stop tokens, every row generating all N tokens, and (b) with a few stop tokens, so that completion
+   lengths spread as in RL (a random model stops after ~`vocab / stops` tokens on average); `generate` keeps
+   computing finished rows until the last one stops, the engine drops them;
+2. hybrid (engine, no stop tokens) vs its teacher transformer (`MistralForCausalLM.generate`, static cache), the
+   hybrid being the teacher converted with every other layer m2, at several generated lengths;
 3. decode-state memory per sequence after N tokens, hybrid / teacher (bytes held by the cache, not the allocator).
 Models are random-weight, sized by `--hidden` and `--layers`; speed depends on sizes and on the machine, so the
 figures that matter are the ratios. Writes a JSON file and a PNG plot (tokens/s against generated length).
@@ -42,26 +45,38 @@ def _prompts(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
     return torch.randint(1, vocab, (batch, prompt_len)).tolist()
 
 
-def time_engine(model, prompts, G: int, new_tokens: int) -> tuple[float, object]:
+def time_engine(model, prompts, G: int, new_tokens: int, stops: list[int] = ()) -> tuple[float, object]:
+    """Useful tokens per second (tokens up to and including each row's stop token)."""
     engine = RolloutEngine(model, pad_token_id=0)
     start = time.perf_counter()
-    out = engine.generate(prompts, G, SamplingParams(max_new_tokens=new_tokens, seed=0))
+    out = engine.generate(prompts, G, SamplingParams(max_new_tokens=new_tokens, stop_token_ids=list(stops), seed=0))
     elapsed = time.perf_counter() - start
-    assert int(out.lengths.min()) == new_tokens
+    if not stops:
+        assert int(out.lengths.min()) == new_tokens
     return out.lengths.sum().item() / elapsed, out
 
 
-def time_generate(model, prompts, G: int, new_tokens: int, static: bool) -> float:
+def time_generate(model, prompts, G: int, new_tokens: int, static: bool, stops: list[int] = ()) -> float:
+    """Useful tokens per second of `generate` (padding after a row's stop token not counted)."""
     ids = torch.tensor(prompts).repeat_interleave(G, dim=0)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, pad_token_id=0)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=True, pad_token_id=0)
+    if stops:
+        kwargs["eos_token_id"] = list(stops)
+    else:
+        kwargs["min_new_tokens"] = new_tokens
     if static:
         kwargs["cache_implementation"] = "static"
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     elapsed = time.perf_counter() - start
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    return ids.shape[0] * new_tokens / elapsed
+    completion = out[:, ids.shape[1] :]
+    if not stops:
+        assert completion.shape[1] == new_tokens
+        return completion.numel() / elapsed
+    is_stop = torch.isin(completion, torch.tensor(list(stops)))
+    first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, completion.shape[1])
+    return first.sum().item() / elapsed
 
 
 def teacher_cache_bytes_per_sequence(teacher, seq_len: int) -> int:
@@ -86,13 +101,19 @@ def run_rollout_benchmark(
     print(f"hidden {hidden}, {layers} layers (hybrid: {hybrid.config.hybrid_block_layout}), "
           f"{batch} prompts x G={generations}, prompt {prompt_len} tokens, torch threads {torch.get_num_threads()}")
 
-    # 1. engine vs generate on the same hybrid
-    eng_tps, _ = time_engine(hybrid, prompts, generations, N)
-    gen_tps = time_generate(hybrid, prompts, generations, N, static=False)
-    results["engine_vs_generate"] = dict(new_tokens=N, engine_tok_s=eng_tps, generate_tok_s=gen_tps,
-                                         speedup=eng_tps / gen_tps)
-    print(f"\n1. same hybrid, {N} new tokens:  engine {eng_tps:8.0f} tok/s   generate {gen_tps:8.0f} tok/s   "
-          f"-> {eng_tps / gen_tps:.2f}x")
+    # 1. engine vs generate on the same hybrid, fixed and spread lengths
+    stops = list(range(1, 1 + max(1, vocab // 128)))  # ~1/128 stop chance a token: mean length ~128
+    results["engine_vs_generate"] = []
+    print(f"\n1. same hybrid, up to {N} new tokens")
+    for label, stop_ids in (("no stop tokens", []), (f"{len(stops)} stop tokens", stops)):
+        eng_tps, eng_out = time_engine(hybrid, prompts, generations, N, stop_ids)
+        gen_tps = time_generate(hybrid, prompts, generations, N, static=False, stops=stop_ids)
+        mean_len = eng_out.lengths.float().mean().item()
+        results["engine_vs_generate"].append(dict(case=label, new_tokens=N, mean_completion=mean_len,
+                                                  engine_tok_s=eng_tps, generate_tok_s=gen_tps,
+                                                  speedup=eng_tps / gen_tps))
+        print(f"   {label:>16} (mean completion {mean_len:5.0f}):  engine {eng_tps:8.0f} tok/s   "
+              f"generate {gen_tps:8.0f} tok/s   -> {eng_tps / gen_tps:.2f}x")
 
     # 2./3. hybrid (engine) vs teacher (generate, static cache) at several lengths
     rows = []

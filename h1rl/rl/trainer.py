@@ -19,8 +19,13 @@ Why not TRL's public `rollout_func`: it is marked experimental, receives un-toke
 would have to be redone here), and its log-probs are only used with vLLM. The two hooks above keep TRL's
 tokenisation, tool and logging code paths intact.
 
-Rollouts are seeded from (`args.seed`, global step, process index, call counter), so a resumed run draws the same
-completions as an uninterrupted one.
+Beyond TRL, optional dynamic sampling (DAPO): prompt groups whose rewards all tie have zero advantage and give no
+gradient; with `dynamic_sampling_rounds > 0` such groups are replaced by groups of fresh prompts, generated and
+scored in up to that many extra rounds per batch (the cap). Groups still tied after the last round stay in the
+batch, so its size never changes. Logged as `dynamic_sampling/*`. Single-process only for now.
+
+Rollouts are seeded from (`args.seed`, global step, process index, rollouts so far at that step), so a resumed run
+draws the same completions as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,6 +53,35 @@ def group_consecutive(prompt_ids: list[list[int]]) -> tuple[list[list[int]], lis
     return unique, counts
 
 
+def merge_rows(target: dict, source: dict, target_rows: range, source_rows: range) -> dict:
+    """`target` with rows `target_rows` replaced by `source`'s rows `source_rows` (per-row tensors re-padded).
+
+    Prompts are left-padded and completions right-padded, so widths are matched on the matching side.
+    """
+    merged = dict(target)
+    t_idx, s_idx = list(target_rows), list(source_rows)
+    for key, value in target.items():
+        other = source.get(key)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or other is None:
+            continue
+        left = key.startswith("prompt")
+        width = max(value.shape[1], other.shape[1]) if value.dim() > 1 else None
+        if width is not None:
+            value, other = _pad_to(value, width, left), _pad_to(other, width, left)
+        value = value.clone()
+        value[t_idx] = other[s_idx].to(value.dtype)
+        merged[key] = value
+    return merged
+
+
+def _pad_to(t: torch.Tensor, width: int, left: bool) -> torch.Tensor:
+    missing = width - t.shape[1]
+    if missing == 0:
+        return t
+    pad = t.new_zeros(t.shape[0], missing, *t.shape[2:])
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
 class HybridGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose completions come from `h1rl.rollout.RolloutEngine` (see the module docstring).
 
@@ -55,15 +89,22 @@ class HybridGRPOTrainer(GRPOTrainer):
     `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since the engine replaces them.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, dynamic_sampling_rounds: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if dynamic_sampling_rounds < 0:
+            raise ValueError(f"dynamic_sampling_rounds must be >= 0, got {dynamic_sampling_rounds}")
+        if dynamic_sampling_rounds and self.accelerator.num_processes > 1:
+            raise NotImplementedError("dynamic sampling runs in a single process for now; disable it for multi-GPU")
+        self.dynamic_sampling_rounds = dynamic_sampling_rounds
+        self._last_rewards_per_func: torch.Tensor | None = None
         if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
             raise ValueError("HybridGRPOTrainer generates with h1rl's engine: set use_vllm=False and "
                              "use_transformers_paged=False in GRPOConfig")
         base = self._hybrid_model(self.model)
         if base is None:
             raise TypeError(f"HybridGRPOTrainer needs an h1rl HybridForCausalLM, got {type(self.model).__name__}")
-        self._rollout_calls = 0
+        self._rollout_step = -1  # global step of the last rollout, and how many rollouts ran at that step
+        self._rollouts_at_step = 0
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
 
@@ -82,9 +123,17 @@ class HybridGRPOTrainer(GRPOTrainer):
                 return None
         return None
 
-    def _sampling_params(self, mode: str) -> SamplingParams:
+    def _rollout_seed(self) -> int:
+        """A seed from (run seed, global step, process, rollouts so far at this step): the same after a resume."""
+        step = self.state.global_step
+        if step != self._rollout_step:
+            self._rollout_step, self._rollouts_at_step = step, 0
+        self._rollouts_at_step += 1
+        key = (self.args.seed, step, self.accelerator.process_index, self._rollouts_at_step)
+        return hash(key) % (2**62)  # tuples of ints hash the same in every process and run
+
+    def _sampling_params(self) -> SamplingParams:
         args = self.args
-        seed = hash((args.seed, self.state.global_step, self.accelerator.process_index, self._rollout_calls))
         return SamplingParams(
             max_new_tokens=args.max_completion_length,
             temperature=args.temperature,
@@ -93,7 +142,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             min_p=args.min_p or 0.0,
             repetition_penalty=args.repetition_penalty,
             stop_token_ids=list(self.eos_token_ids),
-            seed=seed % (2**62),
+            seed=self._rollout_seed(),
         )
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -101,8 +150,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             raise NotImplementedError("HybridGRPOTrainer handles text-only prompts")
         mode = "train" if self.model.training else "eval"
         unique, counts = group_consecutive(prompt_ids)
-        params = self._sampling_params(mode)
-        self._rollout_calls += 1
+        params = self._sampling_params()
         start = time.perf_counter()
         with (
             unwrap_model_for_generation(
@@ -125,13 +173,64 @@ class HybridGRPOTrainer(GRPOTrainer):
         return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs):
+        output = self._score_one_round(inputs)
+        if not self.dynamic_sampling_rounds or not self.model.training:
+            return output
+        return self._refill_tied_groups(inputs, output)
+
+    def _score_one_round(self, inputs):
         self._served_logps = None
         self._serve_old_logps = True
         try:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
         finally:
             self._serve_old_logps = False
             self._served_logps = None
+        output["_tied"] = self._tied_groups()  # (R,) bool per row: its group's rewards all equal
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards
+        return rewards
+
+    def _tied_groups(self) -> torch.Tensor:
+        """Per row: whether its group's (weighted) rewards have zero spread, as TRL computes them."""
+        G = self.num_generations if self.model.training else self.num_generations_eval
+        rewards = (self._last_rewards_per_func * self.reward_weights.to(self._last_rewards_per_func.device)).nansum(1)
+        grouped = rewards.view(-1, G)
+        tied = (grouped.max(1).values - grouped.min(1).values).abs() <= 1e-8
+        return tied.repeat_interleave(G)
+
+    def _refill_tied_groups(self, inputs: list[dict], output: dict) -> dict:
+        G = self.num_generations
+        tied = output.pop("_tied")
+        dropped, rounds = int(tied.sum()) // G, 0
+        extra_prompts = self._extra_prompt_rows()
+        while bool(tied.any()) and rounds < self.dynamic_sampling_rounds:
+            need = int(tied.sum()) // G
+            fresh = [next(extra_prompts) for _ in range(need)]
+            candidate = self._score_one_round([row for row in fresh for _ in range(G)])
+            useful = ~candidate.pop("_tied")
+            rounds += 1
+            slots = tied.nonzero()[:, 0].view(-1, G)[:, 0]  # first row of each tied group
+            sources = useful.nonzero()[:, 0].view(-1, G)[:, 0]
+            for slot, source in zip(slots.tolist(), sources.tolist()):
+                output = merge_rows(output, candidate, range(slot, slot + G), range(source, source + G))
+                tied[slot : slot + G] = False
+        mode = "train"
+        self._metrics[mode]["dynamic_sampling/tied_groups"].append(float(dropped))
+        self._metrics[mode]["dynamic_sampling/extra_rounds"].append(float(rounds))
+        self._metrics[mode]["dynamic_sampling/tied_after"].append(float(int(tied.sum()) // G))
+        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        return output
+
+    def _extra_prompt_rows(self):
+        """An endless, seeded stream of dataset rows to refill tied groups (seeded by run seed and step)."""
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        while True:
+            for index in torch.randperm(len(self.train_dataset), generator=generator).tolist():
+                yield self.train_dataset[index]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         serve = (

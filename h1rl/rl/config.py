@@ -1,0 +1,69 @@
+"""The typed config of a GRPO run (`h1rl grpo --config FILE [key=value ...]`): what to train, on what, with what.
+
+One YAML file maps one to one onto `GRPORunConfig` (through `h1rl.config_io`: unknown keys are errors naming the
+dotted key). The optimisation and sampling knobs are TRL's own: the `trl` mapping is passed to `trl.GRPOConfig`
+unchanged, so every field TRL documents works here and a misspelt one is refused by name. h1rl adds only what TRL
+does not know: where the model and data come from, which built-in rewards to use with which weights, LoRA
+targets that include the Mamba projections, and dynamic sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# The Mamba projections come first: a LoRA preset that forgets them leaves every m2 layer's mixer frozen.
+DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class DataConfig:
+    """Where prompts (and reference answers) come from."""
+
+    path: str  # a hub dataset name, or a local .json / .jsonl / .parquet file
+    split: str = "train"
+    prompt_column: str = "prompt"  # text, or a list of chat messages
+    answer_column: str = "answer"  # passed to the rewards (the accuracy reward compares against it)
+    system_prompt: str | None = None  # prepended as a system message when prompts are plain text
+    chat: bool = True  # turn plain-text prompts into [system?, user] messages (TRL applies the chat template)
+    max_samples: int | None = None  # keep only the first N rows (quick runs)
+
+
+@dataclass
+class RewardSpec:
+    """One reward function and its weight; `options` go to the reward's factory (see docs/rewards.md)."""
+
+    name: Literal["accuracy", "format", "length"]
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class GRPORunConfig:
+    model: str  # directory of an h1rl or Apriel-H1 checkpoint (a transformer teacher: convert it first)
+    output_dir: str
+    data: DataConfig
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])
+    lora: LoraSpec | None = None
+    # DAPO's dynamic sampling: replace prompt groups whose rewards all tie (zero advantage, zero gradient) with
+    # fresh prompts, in at most this many extra generation rounds per batch; 0 turns it off
+    dynamic_sampling_rounds: int = 0
+    trl: dict[str, Any] = field(default_factory=dict)  # any trl.GRPOConfig field, e.g. learning_rate, beta
+
+    def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is needed")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: each reward may appear once, got {names}")
+        for key, where in (("output_dir", "output_dir"), ("reward_weights", "rewards[].weight")):
+            if key in self.trl:
+                raise ValueError(f"trl.{key}: set it with the run config's {where}, not under trl")
