@@ -12,6 +12,8 @@ themselves, so their (ignored) outputs stay finite.
 Mixer contract shared with `h1rl.models.mamba.MambaMixer`:
 `forward(hidden_states, position_embeddings, attention_mask, state)` for any number of new tokens (prefill,
 training, continuation), `step(...)` for one token, `allocate_inference_cache(batch_size, max_seqlen, dtype)`.
+`step_static(...)` is `step` with static shapes (the whole preallocated buffer, a key mask, the write column as a
+device tensor) for the CUDA-graph decoder of `h1rl.rollout.decode_step`.
 """
 
 from __future__ import annotations
@@ -72,13 +74,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, T, D)
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, T, P)
-        attention_mask: torch.Tensor | None = None,  # (B, S) 1 for real tokens, S = cached + T; None = no padding
-        state: KVState | None = None,
-    ) -> torch.Tensor:
+    def _qkv(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> q (B, H, T, P), k and v (B, Hkv, T, P), RoPE applied to q and k."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, P)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, P)
@@ -88,6 +87,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, P), (B, Hkv, T, P)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, T, D)
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, T, P)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 for real tokens, S = cached + T; None = no padding
+        state: KVState | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        q, k, v = self._qkv(hidden_states, position_embeddings)  # (B, H, T, P), (B, Hkv, T, P)
         if state is not None:
             k, v = state.append(k, v)  # (B, Hkv, S, P)
         S = k.shape[2]
@@ -120,6 +130,38 @@ class Attention(nn.Module):
         state: KVState,
     ) -> torch.Tensor:
         return self.forward(hidden_states[:, None], position_embeddings, attention_mask, state)[:, 0]
+
+    def step_static(
+        self,
+        hidden_states: torch.Tensor,  # (B, D) one new token per row
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, 1, P)
+        key_mask: torch.Tensor,  # (B, S) bool over the whole buffer: True where a key is a real token
+        state: KVState,  # buffers (B, Hkv, S, P); `state.length` is neither read nor updated
+        write_index: torch.Tensor,  # (1,) long on the model's device: the buffer column of the new token
+    ) -> torch.Tensor:
+        """`step` with static shapes and no host synchronisation, for CUDA graph capture.
+
+        The new key/value go to column `write_index` of the preallocated buffers (in place, same for every row),
+        and the query attends over all S columns: those that `key_mask` marks real, at or before `write_index`
+        (and inside the sliding window). Same result as `step` over the filled part of the buffer.
+        """
+        B, S = key_mask.shape
+        q, k, v = self._qkv(hidden_states[:, None], position_embeddings)  # (B, H, 1, P), (B, Hkv, 1, P)
+        state.key.index_copy_(2, write_index, k.to(state.key.dtype))
+        state.value.index_copy_(2, write_index, v.to(state.value.dtype))
+        k_index = torch.arange(S, device=key_mask.device)  # (S,)
+        allowed = key_mask & (k_index <= write_index)  # (B, S)
+        if self.sliding_window is not None:
+            allowed = allowed & (write_index - k_index < self.sliding_window)
+        out = F.scaled_dot_product_attention(
+            q,
+            state.key,
+            state.value,
+            attn_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
+            scale=self.scaling,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, 1, P)
+        return self.o_proj(out.reshape(B, -1))
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device: torch.device | None = None

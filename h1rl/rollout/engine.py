@@ -14,6 +14,11 @@ How a rollout phase runs (`RolloutEngine.generate`):
    attention over the KV buffer. Rows that emit a stop token or reach the length cap finish; when enough have
    finished, the active rows are moved to the front of the same buffers (`HybridCache.compact_`) and decoding
    continues on the smaller batch. Nothing is reallocated per step.
+   The step itself is chosen by `decode`: "eager" calls the model's forward (dynamic shapes); "static" runs
+   `h1rl.rollout.decode_step.StaticDecoder` (static shapes over the whole KV buffer, same logits); "cuda_graph"
+   replays that static step as a CUDA graph per batch bucket (captured on first use). "auto" is "eager" for now:
+   the CUDA graph path has not yet run on a GPU (h1rl/bench/gpu_check.py is the prepared check); once a GPU run
+   has validated it, "auto" becomes "cuda_graph" on CUDA.
 4. Log-probs are `log_softmax(logits / temperature)` of each drawn token (see `h1rl.rollout.sampling`).
 
 Rows are prompt-major: output row r * G + g is completion g of prompt r.
@@ -27,9 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from h1rl.models.modeling import HybridForCausalLM
+from h1rl.rollout.decode_step import StaticDecoder, graphs_unsupported_reason, set_filled_length
 from h1rl.rollout.sampling import SamplingParams, sample_next
 
 COMPACT_FRACTION = 0.125  # compact the active batch once this fraction of its rows has finished
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph")  # see the module docstring
 
 
 @dataclass
@@ -57,7 +64,15 @@ class RolloutEngine:
     8
     """
 
-    def __init__(self, model: HybridForCausalLM, pad_token_id: int, compact_fraction: float = COMPACT_FRACTION):
+    def __init__(
+        self,
+        model: HybridForCausalLM,
+        pad_token_id: int,
+        compact_fraction: float = COMPACT_FRACTION,
+        decode: str = "auto",
+    ):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if not isinstance(model, HybridForCausalLM):
             raise TypeError(
                 f"RolloutEngine needs an h1rl HybridForCausalLM, got {type(model).__name__}; "
@@ -66,6 +81,16 @@ class RolloutEngine:
         self.model = model
         self.pad_token_id = pad_token_id
         self.compact_fraction = compact_fraction
+        self.decode = decode
+
+    def decode_mode(self) -> str:
+        """The decode step `generate` uses for the model where it is now ("auto" resolved)."""
+        reason = graphs_unsupported_reason(self.model)
+        if self.decode == "auto":
+            return "eager"  # "cuda_graph" on CUDA once the GPU check has validated it (see the module docstring)
+        if self.decode == "cuda_graph" and reason is not None:
+            raise ValueError(f"decode='cuda_graph' is not possible: {reason}; use decode='auto', 'eager' or 'static'")
+        return self.decode
 
     @torch.no_grad()
     def generate(
@@ -77,6 +102,7 @@ class RolloutEngine:
         """Sample `num_generations` completions of each prompt (one count for all, or one per prompt)."""
         params = params or SamplingParams()
         self._check_prompts(prompts)
+        mode = self.decode_mode()
         model, device = self.model, self.model.device
         B = len(prompts)
         counts = [num_generations] * B if isinstance(num_generations, int) else list(num_generations)
@@ -104,11 +130,14 @@ class RolloutEngine:
 
         # 2. the decode cache, allocated once at full size, each prompt's state fanned out to its G rows
         Tmax = Tp + params.max_new_tokens
-        cache = model.allocate_cache(R, Tmax)
+        decoder = None if mode == "eager" else StaticDecoder(model, R, Tmax, use_cuda_graphs=mode == "cuda_graph")
+        cache = model.allocate_cache(R, Tmax) if decoder is None else decoder.cache
         cache.fill_repeated_(prefill_cache, G)
         del prefill_cache
-        full_mask = torch.ones(R, Tmax, dtype=torch.long, device=device)  # key mask: prompt padding, then ones
+        # key mask: prompt padding, then ones (the static decoder's own bool buffer, which its graphs read)
+        full_mask = torch.ones(R, Tmax, dtype=torch.long, device=device) if decoder is None else decoder.key_mask
         full_mask[:, :Tp] = mask.repeat_interleave(G, dim=0)
+        full_mask[:, Tp:] = 1
         history = torch.full((R, Tmax), self.pad_token_id, dtype=torch.long, device=device)  # for the penalty
         history[:, :Tp] = ids.repeat_interleave(G, dim=0)
         positions = prompt_lens.repeat_interleave(G)  # (R,) RoPE position of each row's next token
@@ -147,12 +176,17 @@ class RolloutEngine:
                     buf[: keep.numel()] = buf.index_select(0, keep)
                 rows, tokens, positions, done = rows[keep], tokens[keep], positions[keep], done[keep]
             n = rows.numel()
-            step_mask = full_mask[:n, : Tp + t + 1] if padded else None
-            logits = model(
-                tokens[:, None], attention_mask=step_mask, position_ids=positions[:, None], cache=view, use_cache=True
-            ).logits[:, -1]
+            if decoder is None:
+                step_mask = full_mask[:n, : Tp + t + 1] if padded else None
+                ids_t, pos_t = tokens[:, None], positions[:, None]
+                logits = model(ids_t, attention_mask=step_mask, position_ids=pos_t, cache=view, use_cache=True).logits
+                logits = logits[:, -1]
+            else:
+                logits = decoder.step(tokens, positions, write_index=Tp + t)  # (n, V), valid until the next step
             positions = positions + 1
         decode_s = time.perf_counter() - t0
+        if decoder is not None:
+            set_filled_length(view, Tp + t)  # the static step does not count: tokens fed = decode steps run
         state_bytes_per_seq = view.nbytes_per_sequence()  # Mamba state + KV filled up to the last decoded token
 
         L = int(lengths.max())
@@ -170,6 +204,7 @@ class RolloutEngine:
                 "generated_tokens": float(generated),
                 "tokens_per_s": generated / max(prefill_s + decode_s, 1e-9),
                 "state_bytes_per_seq": float(state_bytes_per_seq),
+                "graph_capture_s": decoder.capture_s if decoder is not None else 0.0,  # inside decode_s
             },
         )
 

@@ -67,7 +67,8 @@ def test_prompts_become_chat_messages(tmp_path):
     model, data = make_assets(tmp_path)
     cfg = load_config(GRPORunConfig, recipe(tmp_path, model, data, tmp_path / "run"), ["data.system_prompt=be brief"])
     dataset = load_prompts(cfg.data)
-    assert dataset[0]["prompt"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 0 + 0"}]
+    system, user = {"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 0 + 0"}
+    assert dataset[0]["prompt"] == [system, user]
     assert dataset[3]["answer"] == "6"
 
 
