@@ -38,6 +38,7 @@ from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from h1rl.models.modeling import HybridForCausalLM
+from h1rl.rewards import checked
 from h1rl.rollout import RolloutEngine, SamplingParams
 
 
@@ -89,8 +90,13 @@ class HybridGRPOTrainer(GRPOTrainer):
     `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since the engine replaces them.
     """
 
-    def __init__(self, *args: Any, dynamic_sampling_rounds: int = 0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
+                 **kwargs: Any):
+        # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
+        # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        funcs = [checked(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
+        super().__init__(model, funcs if isinstance(reward_funcs, list) else funcs[0], *args, **kwargs)
         if dynamic_sampling_rounds < 0:
             raise ValueError(f"dynamic_sampling_rounds must be >= 0, got {dynamic_sampling_rounds}")
         if dynamic_sampling_rounds and self.accelerator.num_processes > 1:

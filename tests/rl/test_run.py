@@ -106,7 +106,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     run_cli(straight)
     assert run_cli(killed, kill_when=tmp_path / "killed" / "checkpoint-2") == -signal.SIGKILL
     assert not (tmp_path / "killed" / "final").exists()
+    first = tmp_path / "killed" / "checkpoint-1" / "trainer_state.json"
+    stamp = first.stat().st_mtime_ns
     run_cli(killed)  # the same command again: resumes from checkpoint-2 (or later)
+    assert first.stat().st_mtime_ns == stamp, "checkpoint-1 was rewritten: the run started over instead of resuming"
     state = json.loads((tmp_path / "killed" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")

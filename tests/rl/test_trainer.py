@@ -105,3 +105,17 @@ def test_merge_rows_repads_prompts_left_and_completions_right():
     assert merged["prompt_ids"].tolist() == [[8, 9, 10], [0, 6, 7]]
     assert merged["completion_ids"].tolist() == [[3, 4, 5], [2, 0, 0]]
     assert merged["advantages"].tolist() == [1.5, 0.0]
+
+
+def test_a_broken_reward_is_named_with_its_sample(tmp_path):
+    from h1rl.rewards import RewardError
+
+    def sometimes_nan(completions, **kwargs):
+        return [float("nan") if i == 2 else 1.0 for i, _ in enumerate(completions)]
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(["t", "m2"], vocab_size=len(tokenizer)).train()
+    trainer = HybridGRPOTrainer(model=model, reward_funcs=[distinct_words, sometimes_nan], args=grpo_args(tmp_path),
+                                train_dataset=prompts_dataset(), processing_class=tokenizer)
+    with pytest.raises(RewardError, match=r"sometimes_nan.*sample 2"):
+        trainer.train()
