@@ -3,8 +3,10 @@
     h1rl convert --teacher DIR --layout t,m2,m2,t --out DIR [--ssm-cfg JSON] [--dtype float32]
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
+    h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2]
     h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
-    h1rl demo | distill | eval       (arrive with their issues; they say so instead of pretending)
+    h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
+    h1rl demo | eval       (arrive with their issues; they say so instead of pretending)
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_rollout_benchmark(lengths=args.lengths, hidden=args.hidden, layers=args.layers, batch=args.batch,
                               generations=args.generations, out_dir=args.out)
+        return 0
+    if args.what == "grpo":
+        from h1rl.bench.grpo_bench import run_grpo_benchmark
+
+        run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
+                           steps=args.repeats, hidden=args.hidden, layers=args.layers)
         return 0
     raise AssertionError(args.what)  # argparse restricts the choices
 
@@ -68,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("bench", help="print speed measurements (side by side, one run)")
-    p.add_argument("what", choices=["scan", "rollout"])
+    p.add_argument("what", choices=["scan", "rollout", "grpo"])
     p.add_argument("--batch", type=int, default=4, help="sequences (scan) or distinct prompts (rollout)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048], help="scan: sequence lengths")
-    p.add_argument("--repeats", type=int, default=3, help="scan: timed repeats (median)")
+    p.add_argument("--repeats", type=int, default=3, help="scan, grpo: timed repeats / steps (median)")
+    p.add_argument("--new-tokens", type=int, default=256, help="grpo: max completion length")
     p.add_argument("--json", default=None, help="scan: also write the figures to this JSON file")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rollout: generated lengths")
     p.add_argument("--layers", type=int, default=8, help="rollout: layers of the teacher (half become m2)")
@@ -83,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)  # parsed by the module itself, see main()
 
-    for name in ("demo", "distill", "eval"):
+    for name in ("demo", "eval"):
         p = sub.add_parser(name, help=f"{name} (not available yet)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_yet(name))
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands whose options belong to their own module's `main(argv)`.
 DELEGATED = {
     "grpo": ("h1rl.rl.run", "GRPO on a hybrid from a YAML recipe (resumes from its last checkpoint)"),
+    "distill": ("h1rl.distill.run", "staged distillation of a hybrid from its teacher (resumable)"),
 }
 
 

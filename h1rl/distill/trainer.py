@@ -1,0 +1,184 @@
+"""`DistillTrainer`: transformers' `Trainer` with a distillation loss against a frozen teacher; shared forward passes.
+
+Only `compute_loss` (and `log`, to report the loss parts) is overridden, so accelerate, DeepSpeed, PEFT, gradient
+checkpointing, logging callbacks, checkpointing and resuming are the Trainer's own. The teacher is held as an
+attribute, frozen (`requires_grad=False`) and in eval mode, on the Trainer's device; under DeepSpeed it is wrapped
+for inference with TRL's `prepare_deepspeed` (sharded under ZeRO-3), since the Trainer only prepares the student.
+
+The student is called through the (possibly wrapped) model with `logits_to_keep=1` and `output_hidden_states=True`:
+its final hidden states feed the chunked loss of `h1rl.distill.losses`, and no full `(B, T, V)` logits are made.
+The returned loss is a per-batch mean over target tokens; the Trainer divides it by the gradient accumulation steps.
+
+Also here: `hidden_states` (the one forward used by the trainer, the scorers and the stage metrics),
+`evaluate_metric` (KL or LM loss of a model on calibration batches), `set_trainable` and `training_arguments`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from h1rl.distill.config import LossConfig, TrainingConfig
+from h1rl.distill.losses import distill_loss, hidden_alignment
+
+
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], all_layers: bool = False):
+    """Final (normed) hidden states (B, T, D) of a causal LM, and all layers' states when `all_layers`."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1], (out.hidden_states if all_layers else None)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under DeepSpeed / DDP wrappers (they keep it as `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def alignment_layers(model: nn.Module, which: str) -> list[int]:
+    """Layer indices whose outputs `hidden_alignment` compares: the m2 layers, or every layer."""
+    config = _unwrap(model).config
+    layout = getattr(config, "hybrid_block_layout", None) or ["t"] * config.num_hidden_layers
+    return [i for i, code in enumerate(layout) if which == "all" or code == "m2"]
+
+
+def batch_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: dict[str, torch.Tensor],
+    config: LossConfig,
+    pad_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The distillation loss parts of one batch (`{"loss", "kl", "ce", "hidden", "tokens"}`)."""
+    align = config.hidden_weight > 0
+    h_s, states_s = hidden_states(student, batch, all_layers=align)
+    with torch.no_grad():
+        h_t, states_t = hidden_states(teacher, batch, all_layers=align)
+    parts = distill_loss(
+        h_s,
+        h_t,
+        _unwrap(student).get_output_embeddings(),
+        _unwrap(teacher).get_output_embeddings(),
+        batch["labels"],
+        config,
+        pad_length=pad_length,
+    )
+    parts["hidden"] = parts["kl"].new_zeros(())
+    if align:
+        layers = alignment_layers(student, config.hidden_layers)
+        parts["hidden"] = hidden_alignment(states_s, states_t, layers, batch.get("attention_mask"))
+        parts["loss"] = parts["loss"] + config.hidden_weight * parts["hidden"]
+    return parts
+
+
+@torch.no_grad()
+def evaluate_metric(
+    model: nn.Module, teacher: nn.Module, batches: list[dict[str, torch.Tensor]], config: LossConfig, metric: str = "kl"
+) -> float:
+    """Token-weighted mean over `batches` of the KL to the teacher (`config.kind`, `config.temperature`) or of the
+    LM loss (`metric="lm_loss"`: cross-entropy on the data). The model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0.0
+    ce_only = LossConfig(kind=config.kind, temperature=config.temperature, ce_weight=1.0, chunk_size=config.chunk_size)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        parts = batch_loss(model, teacher, batch, config if metric == "kl" else ce_only)
+        value = parts["kl"] if metric == "kl" else parts["ce"]
+        total += float(value) * float(parts["tokens"])
+        tokens += float(parts["tokens"])
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("the calibration batches hold no target tokens (all labels are -100)")
+    return total / tokens
+
+
+def set_trainable(model: nn.Module, mamba_only: bool) -> int:
+    """Train every parameter, or only the m2 mixers' (`.mixer.`); returns the number of trainable parameters."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(not mamba_only or ".mixer." in name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_arguments(
+    config: TrainingConfig, output_dir: str, max_steps: int, learning_rate: float, save: bool = True, **overrides: Any
+) -> TrainingArguments:
+    """The stage's `TrainingArguments` from the typed `training` section (CPU when no GPU is present)."""
+    kwargs = dict(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if save else "no",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        bf16=config.bf16,
+        activation_checkpointing=config.activation_checkpointing,
+        seed=config.seed,
+        deepspeed=config.deepspeed,
+        report_to=config.report_to,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        **config.trainer_args,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class DistillTrainer(Trainer):
+    """A `Trainer` whose loss is `batch_loss` against `teacher` (see the module docstring).
+
+    `pad_length`: passed to the chunked loss so every process runs the same number of chunks (ZeRO-3).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def __init__(self, *args: Any, teacher: nn.Module, loss_config: LossConfig, pad_length: int | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # no num_items_in_batch: the loss normalises itself per batch
+        self.loss_config = loss_config
+        self.pad_length = pad_length
+        teacher.eval()
+        teacher.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            teacher = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            teacher = teacher.to(self.args.device)
+        self.teacher = teacher
+        self._parts: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.teacher.eval()  # stays in eval mode whatever happens to the student
+        parts = batch_loss(model, self.teacher, inputs, self.loss_config, self.pad_length)
+        for name in ("kl", "ce", "hidden"):
+            self._parts[name].append(float(parts[name].detach()))
+        return (parts["loss"], parts) if return_outputs else parts["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean loss parts since the last log (kl, and ce / hidden when they are used)."""
+        used = {"kl": True, "ce": self.loss_config.ce_weight > 0, "hidden": self.loss_config.hidden_weight > 0}
+        for name, values in self._parts.items():
+            if values and used[name]:
+                logs[name] = sum(values) / len(values)
+        self._parts.clear()
+        super().log(logs, start_time)
