@@ -263,16 +263,9 @@ def check_engine_modes(device: torch.device, smoke: bool) -> dict:
 def recompute_logprobs(model, rollout, temperature: float) -> tuple[list[torch.Tensor], float]:
     """The trainer's recomputation: one left-padded batch (prompt) + right-padded completions, one forward.
     Returns per-row log-probs and the mean entropy (nats) of the completion positions."""
-    prompts, comps = rollout.prompt_ids, rollout.completions()
-    Tp, Tc = max(map(len, prompts)), max(map(len, comps))
-    device = model.device
-    ids = torch.zeros(len(prompts), Tp + Tc, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (p, c) in enumerate(zip(prompts, comps)):
-        ids[r, Tp - len(p) : Tp] = torch.tensor(p)
-        ids[r, Tp : Tp + len(c)] = torch.tensor(c)
-        mask[r, Tp - len(p) : Tp + len(c)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    comps = rollout.completions()
+    ids, mask, Tp = rollout.training_batch()
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits[:, Tp - 1 : -1].float() / temperature
     logp = torch.log_softmax(logits, -1)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from h1rl.models.attention import Attention
+from h1rl.models.convert import mil_rows
 from h1rl.models.mamba import MambaMixer
 from h1rl.models.modeling import HybridForCausalLM, IdentityLayer
 
@@ -38,9 +39,7 @@ def layout_of(model: HybridForCausalLM) -> list[str]:
 def mil_init_from_attention(attn: Attention, mixer: MambaMixer) -> None:
     """Mamba-in-Llama: copy `attn`'s projections into `mixer` in place (in_proj rows [z | x | B | C] get
     [kept | v_proj | k_proj | q_proj], out_proj gets o_proj; biases too when the mixer has them)."""
-    Di, Dxb = mixer.d_inner, mixer.d_xb
-    rows = {"v_proj": (Di, Di + Dxb), "k_proj": (Di + Dxb, Di + 2 * Dxb), "q_proj": (Di + 2 * Dxb, 2 * Di + 2 * Dxb)}
-    for proj, (start, stop) in rows.items():
+    for proj, (start, stop) in mil_rows(mixer.d_inner, mixer.d_xb).items():
         source = getattr(attn, proj)
         if source.weight.shape != mixer.in_proj.weight[start:stop].shape:
             raise ValueError(

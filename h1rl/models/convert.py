@@ -207,6 +207,16 @@ class ConversionReport:
 _SLICE = re.compile(r"^(?P<name>.+)\[(?P<start>\d+):(?P<stop>\d+)\]$")
 
 
+def mil_rows(d_inner: int, d_xb: int) -> dict[str, tuple[int, int]]:
+    """Mamba-in-Llama: which rows of the m2 `in_proj` ([z | x | B | C]) each attention projection initialises.
+
+    >>> mil_rows(8, 4)
+    {'v_proj': (8, 12), 'k_proj': (12, 16), 'q_proj': (16, 24)}
+    """
+    return {"v_proj": (d_inner, d_inner + d_xb), "k_proj": (d_inner + d_xb, d_inner + 2 * d_xb),
+            "q_proj": (d_inner + 2 * d_xb, 2 * d_inner + 2 * d_xb)}
+
+
 def transfer_weights(teacher: PreTrainedModel, hybrid: HybridForCausalLM) -> ConversionReport:
     """Copy the teacher's weights into `hybrid` (already initialised) as the module docstring says; in place.
 
@@ -247,8 +257,7 @@ def transfer_weights(teacher: PreTrainedModel, hybrid: HybridForCausalLM) -> Con
         copy("lm_head.weight", "model.embed_tokens.weight" if tied_only else "lm_head.weight")
         dropped_extras: dict[str, list[int]] = {}
         ssm = cfg.ssm
-        Di, Dxb = ssm.d_inner, ssm.d_xb
-        x_rows, b_rows, c_rows = (Di, Di + Dxb), (Di + Dxb, Di + 2 * Dxb), (Di + 2 * Dxb, 2 * Di + 2 * Dxb)
+        rows = mil_rows(ssm.d_inner, ssm.d_xb)
         for i, code in enumerate(cfg.hybrid_block_layout):
             prefix = f"model.layers.{i}."
             layer_keys = [key for key in src if key.startswith(prefix)]
@@ -264,14 +273,13 @@ def transfer_weights(teacher: PreTrainedModel, hybrid: HybridForCausalLM) -> Con
                 continue
             # "m2": Mamba-in-Llama. z rows, dt, conv, A and D keep their fresh initialisation.
             a, m = prefix + "self_attn.", prefix + "mixer."
-            copy(m + "in_proj.weight", a + "v_proj.weight", x_rows)
-            copy(m + "in_proj.weight", a + "k_proj.weight", b_rows)
-            copy(m + "in_proj.weight", a + "q_proj.weight", c_rows)
+            for proj, proj_rows in rows.items():
+                copy(m + "in_proj.weight", a + proj + ".weight", proj_rows)
             copy(m + "out_proj.weight", a + "o_proj.weight")
             if ssm.bias:  # carry the attention biases; the z rows of in_proj.bias keep their fresh init
-                for proj, rows in (("v_proj", x_rows), ("k_proj", b_rows), ("q_proj", c_rows)):
+                for proj, proj_rows in rows.items():
                     if a + proj + ".bias" in src:
-                        copy(m + "in_proj.bias", a + proj + ".bias", rows)
+                        copy(m + "in_proj.bias", a + proj + ".bias", proj_rows)
                 if a + "o_proj.bias" in src:
                     copy(m + "out_proj.bias", a + "o_proj.bias")
             for key in layer_keys:

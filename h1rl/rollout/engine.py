@@ -54,6 +54,21 @@ class Rollout:
         """Each row's completion ids, unpadded."""
         return [row[:n].tolist() for row, n in zip(self.completion_ids, self.lengths.tolist())]
 
+    def training_batch(self, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The rows as a GRPO trainer lays them out: prompts left-padded, completions right-padded, one tensor.
+
+        Returns ids (R, Tp + Tc), attention mask (R, Tp + Tc) and Tp (completion tokens start at column Tp).
+        """
+        prompts, comps = self.prompt_ids, self.completions()
+        Tp, Tc = max(map(len, prompts)), max(map(len, comps))
+        ids = torch.full((len(prompts), Tp + Tc), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, (p, c) in enumerate(zip(prompts, comps)):
+            ids[r, Tp - len(p) : Tp] = torch.tensor(p)
+            ids[r, Tp : Tp + len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[r, Tp - len(p) : Tp + len(c)] = 1
+        return ids, mask, Tp
+
 
 class RolloutEngine:
     """Fast batched sampling from an `HybridForCausalLM` (see the module docstring).

@@ -36,14 +36,8 @@ def recomputed_logprobs(model, prompt: list[int], completion: list[int], tempera
 
 def recomputed_logprobs_left_padded(model, rollout, temperature: float) -> list[torch.Tensor]:
     """The same, but as GRPO does it: all rows in one left-padded batch (prompt) + right-padded completions."""
-    prompts, comps = rollout.prompt_ids, rollout.completions()
-    Tp, Tc = max(map(len, prompts)), max(map(len, comps))
-    ids = torch.zeros(len(prompts), Tp + Tc, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, (p, c) in enumerate(zip(prompts, comps)):
-        ids[r, Tp - len(p) : Tp] = torch.tensor(p)
-        ids[r, Tp : Tp + len(c)] = torch.tensor(c)
-        mask[r, Tp - len(p) : Tp + len(c)] = 1
+    comps = rollout.completions()
+    ids, mask, Tp = rollout.training_batch()
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits[:, Tp - 1 : -1].float() / temperature
     lp = torch.log_softmax(logits, -1).gather(2, ids[:, Tp:, None])[..., 0]
