@@ -6,7 +6,8 @@
     h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2]
     h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
     h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
-    h1rl demo | eval       (arrive with their issues; they say so instead of pretending)
+    h1rl demo [--quick] [--config recipes/demo.yaml] [key=value ...]
+    h1rl eval --model DIR [--data FILE] [--num-samples 8] ...
 """
 
 from __future__ import annotations
@@ -54,15 +55,6 @@ def _delegate(module: str, argv: list[str]) -> int:
     return importlib.import_module(module).main(argv)
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"h1rl {name}: not available in this version yet (it lands with its issue; see README.md)",
-              file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h1rl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,10 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)  # parsed by the module itself, see main()
 
-    for name in ("demo", "eval"):
-        p = sub.add_parser(name, help=f"{name} (not available yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet(name))
     return parser
 
 
@@ -103,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {
     "grpo": ("h1rl.rl.run", "GRPO on a hybrid from a YAML recipe (resumes from its last checkpoint)"),
     "distill": ("h1rl.distill.run", "staged distillation of a hybrid from its teacher (resumable)"),
+    "demo": ("h1rl.demo", "distill-then-RL on the bundled teacher and task, on CPU (--quick: a smoke run)"),
+    "eval": ("h1rl.eval", "accuracy and pass@k of a checkpoint with the math-verify reward"),
 }
 
 

@@ -7,20 +7,21 @@ from pathlib import Path
 import pytest
 
 from h1rl.config_io import load_config
+from h1rl.demo import DemoConfig
 from h1rl.distill.config import DistillConfig
 from h1rl.rl.config import GRPORunConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-CONFIGS = {"distill": DistillConfig, "grpo": GRPORunConfig}
+CONFIGS = {"distill": DistillConfig, "grpo": GRPORunConfig, "demo": DemoConfig}
 
 
 def test_there_are_recipes():
-    assert {p.name.split("_")[0] for p in RECIPES} >= set(CONFIGS)
+    assert {p.stem.split("_")[0] for p in RECIPES} >= set(CONFIGS)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads_into_its_config(path):
-    kind = path.name.split("_")[0]
+    kind = path.stem.split("_")[0]
     assert kind in CONFIGS, f"{path.name}: name recipes <kind>_<what>.yaml with kind in {sorted(CONFIGS)}"
     load_config(CONFIGS[kind], path)
     first = path.read_text().splitlines()[0]

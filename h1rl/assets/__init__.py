@@ -1,0 +1,33 @@
+"""Package data: the bundled tokenizer, the tiny teacher checkpoint and the split it was measured on.
+
+Everything here is written by `python recipes/build_assets.py` (deterministic from its seed; see that script):
+
+    h1rl/assets/tokenizer/            the byte-level BPE of `h1rl.data.tokenizer`, with its chat template
+    h1rl/assets/teacher/              a MistralForCausalLM checkpoint (safetensors) + the same tokenizer
+    h1rl/assets/teacher/metrics.json  how it was built and its measured accuracy on the test split
+    h1rl/assets/data/test.jsonl       that test split (rows: question, solution, answer, expression, num_ops)
+
+The functions below give their paths, so nothing else hard-codes the layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+
+
+def tokenizer_dir() -> Path:
+    return ASSETS / "tokenizer"
+
+
+def teacher_dir() -> Path:
+    return ASSETS / "teacher"
+
+
+def held_out_path() -> Path:
+    return ASSETS / "data" / "test.jsonl"
+
+
+def teacher_metrics_path() -> Path:
+    return teacher_dir() / "metrics.json"

@@ -1,0 +1,253 @@
+"""`h1rl demo`: distill-then-RL end to end on the bundled teacher and task, on CPU, from a recipe.
+
+The demo is a recipe like any other: `recipes/demo.yaml` (and `recipes/demo_quick.yaml` for `--quick`) maps onto
+`DemoConfig`, whose `distill` and `grpo` sections are the same typed configs `h1rl distill` and `h1rl grpo` read.
+Fields set to "auto" are filled in by the demo (paths inside `out_dir`, the bundled teacher). Phases:
+
+1. data: the synthetic arithmetic task's train split (GRPO prompts; distillation conversations) and test split;
+2. evaluate the bundled teacher on the test split (`h1rl.eval`);
+3. staged distillation into a hybrid (`h1rl.distill`), then evaluate it;
+4. GRPO with the math-verify reward (`h1rl.rl`), then evaluate it;
+5. rollout throughput of the hybrid (engine) vs the teacher (`generate`), same prompts;
+6. `report.md`, `results.json` and PNG plots in `out_dir`, and a summary table on stdout.
+
+Each phase leaves its results in `out_dir`; running the same command again skips what is done (distillation and
+GRPO resume from their checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from h1rl.config_io import load_config, save_config
+from h1rl.distill.config import DistillConfig
+from h1rl.eval import EvalConfig
+from h1rl.rl.config import GRPORunConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+AUTO = "auto"
+
+
+@dataclass
+class TaskSpec:
+    difficulty: int = 3  # h1rl.data.arithmetic level (the bundled teacher was trained on level 3)
+    train_size: int = 2000  # problems for distillation and GRPO prompts
+    test_size: int = 200  # held-out problems for every evaluation
+    seed: int = 0
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str
+    distill: DistillConfig
+    grpo: GRPORunConfig
+    task: TaskSpec = field(default_factory=TaskSpec)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher: str = AUTO  # "auto": the bundled teacher (h1rl/assets/teacher)
+    throughput_new_tokens: int = 64  # generated tokens per row in the rollout throughput comparison
+
+
+def resolve(cfg: DemoConfig) -> DemoConfig:
+    """Fill the "auto" fields with the bundled teacher and paths inside `out_dir`."""
+    from h1rl.assets import teacher_dir
+
+    out = Path(cfg.out_dir)
+    if cfg.teacher == AUTO:
+        cfg.teacher = str(teacher_dir())
+    d = cfg.distill
+    d.out_dir = str(out / "distill") if d.out_dir == AUTO else d.out_dir
+    d.model.teacher = cfg.teacher if d.model.teacher == AUTO else d.model.teacher
+    d.data.path = str(out / "data" / "distill.jsonl") if d.data.path == AUTO else d.data.path
+    if d.data.calibration_path == AUTO:
+        d.data.calibration_path = str(out / "data" / "calibration.jsonl")
+    g = cfg.grpo
+    g.output_dir = str(out / "grpo") if g.output_dir == AUTO else g.output_dir
+    g.data.path = str(out / "data" / "train.jsonl") if g.data.path == AUTO else g.data.path
+    return cfg
+
+
+def write_data(cfg: DemoConfig) -> list[dict[str, Any]]:
+    """Write train (GRPO), distillation and calibration files; return the test rows."""
+    from h1rl.data import make_splits, to_chat, write_jsonl
+
+    splits = make_splits(cfg.task.train_size, cfg.task.test_size, cfg.task.difficulty, cfg.task.seed)
+    data = Path(cfg.out_dir) / "data"
+    write_jsonl([{"question": r["question"], "answer": r["answer"]} for r in splits["train"]], data / "train.jsonl")
+    system = cfg.grpo.data.system_prompt
+    chats = [{"messages": to_chat(r, system)} for r in splits["train"]]
+    write_jsonl(chats, data / "distill.jsonl")
+    write_jsonl(chats[: cfg.distill.data.calibration_samples], data / "calibration.jsonl")
+    write_jsonl(splits["test"], data / "test.jsonl")
+    return splits["test"]
+
+
+def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test rows, caching the result in out_dir/eval/<name>.json."""
+    from h1rl.eval import evaluate, write_results
+
+    path = Path(cfg.out_dir) / "eval" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    print(f"[demo] evaluating {name} on {len(test_rows)} held-out problems")
+    results = evaluate(model_dir, test_rows, config=cfg.eval)
+    write_results(results, path)
+    return results
+
+
+def throughput(teacher_dir: str, hybrid_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, float]:
+    """Rollout tokens/s: the hybrid with the engine vs the teacher with `generate`, same prompts, G=8, no stops."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from h1rl.bench.rollout_bench import time_engine, time_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(hybrid_dir)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"] for r in test_rows[:4]]
+    width = min(map(len, prompts))
+    prompts = [p[-width:] for p in prompts]  # equal lengths: generate's batch then needs no padding
+    hybrid = AutoModelForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    n = cfg.throughput_new_tokens
+    hybrid_tps, _ = time_engine(hybrid, prompts, 8, n)
+    teacher_tps = time_generate(teacher, prompts, 8, n, static=True)
+    return {"hybrid_tok_s": hybrid_tps, "teacher_tok_s": teacher_tps, "speedup": hybrid_tps / teacher_tps}
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from h1rl.distill.run import run_distillation
+    from h1rl.rl.run import run_grpo
+
+    cfg = resolve(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "resolved_config.yaml")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    test_rows = write_data(cfg)
+    results: dict[str, Any] = {"teacher": evaluate_once("teacher", cfg.teacher, test_rows, cfg)}
+    timings["teacher_eval_s"] = time.perf_counter() - start
+
+    t0 = time.perf_counter()
+    print(f"[demo] distilling {len(cfg.distill.stages)} stages into {cfg.distill.out_dir}")
+    manifest = run_distillation(cfg.distill)
+    distilled = str(Path(cfg.distill.out_dir) / manifest["final_checkpoint"])
+    results["hybrid_distilled"] = evaluate_once("hybrid_distilled", distilled, test_rows, cfg)
+    timings["distill_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cfg.grpo.model = distilled if cfg.grpo.model == AUTO else cfg.grpo.model
+    final = Path(cfg.grpo.output_dir) / "final"
+    log_path = Path(cfg.grpo.output_dir) / "log_history.json"
+    if not (final / "config.json").exists():
+        print(f"[demo] GRPO from {cfg.grpo.model} into {cfg.grpo.output_dir}")
+        trainer = run_grpo(cfg.grpo)
+        log_path.write_text(json.dumps(trainer.state.log_history, indent=1))
+    results["hybrid_grpo"] = evaluate_once("hybrid_grpo", str(final), test_rows, cfg)
+    timings["grpo_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    speed = throughput(cfg.teacher, str(final), test_rows, cfg)
+    timings["throughput_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+
+    summary = {
+        "layout": manifest["layout"],
+        "accuracy": {k: v["accuracy"] for k, v in results.items()},
+        "throughput": speed,
+        "timings": timings,
+        "stages": [{"stage": s["stage"], "layout": s["layout"], "metrics": s.get("metrics", {})}
+                   for s in manifest["stages"]],
+    }
+    (out / "results.json").write_text(json.dumps({"summary": summary, "eval": results}, indent=2))
+    write_report(out, summary, results, json.loads(log_path.read_text()) if log_path.exists() else [])
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    acc, speed = summary["accuracy"], summary["throughput"]
+    rows = [("teacher (transformer)", acc["teacher"]), ("hybrid after distillation", acc["hybrid_distilled"]),
+            ("hybrid after GRPO", acc["hybrid_grpo"])]
+    print("\n" + "model".ljust(28) + "held-out accuracy")
+    for name, value in rows:
+        print(name.ljust(28) + f"{value:.3f}")
+    print(f"layout {','.join(summary['layout'])}; rollout tokens/s hybrid {speed['hybrid_tok_s']:.0f} vs teacher "
+          f"{speed['teacher_tok_s']:.0f} ({speed['speedup']:.2f}x); total {summary['timings']['total_s']:.0f} s")
+
+
+def write_report(out: Path, summary: dict[str, Any], results: dict[str, Any], grpo_log: list[dict]) -> None:
+    """report.md plus accuracy.png, distill_kl.png and grpo_reward.png in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = summary["accuracy"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = ["teacher", "hybrid_distilled", "hybrid_grpo"]
+    ax.bar(["teacher", "hybrid\n(distilled)", "hybrid\n(+GRPO)"], [acc[n] for n in names],
+           color=["#777", "#4a8", "#27c"])
+    for i, n in enumerate(names):
+        ax.text(i, acc[n] + 0.01, f"{acc[n]:.2f}", ha="center")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    stages = summary["stages"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, label in (("kl_after_swap", "right after the swap"), ("kl_after_distill", "after distillation")):
+        values = [s["metrics"].get(key) for s in stages]
+        if all(v is not None for v in values):
+            ax.plot([s["stage"] for s in stages], values, "o-", label=label)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("KL to the teacher")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "distill_kl.png", dpi=120)
+    plt.close(fig)
+
+    steps = [e for e in grpo_log if "reward" in e]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(steps) + 1), [e["reward"] for e in steps], "-")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward")
+    fig.tight_layout()
+    fig.savefig(out / "grpo_reward.png", dpi=120)
+    plt.close(fig)
+
+    speed = summary["throughput"]
+    lines = [
+        "# h1rl demo report", "",
+        "| model | held-out accuracy |", "|---|---|",
+        f"| teacher (transformer) | {acc['teacher']:.3f} |",
+        f"| hybrid after distillation ({','.join(summary['layout'])}) | {acc['hybrid_distilled']:.3f} |",
+        f"| hybrid after GRPO | {acc['hybrid_grpo']:.3f} |", "",
+        f"Rollout throughput (4 prompts x G=8): hybrid {speed['hybrid_tok_s']:.0f} tok/s "
+        f"(engine) vs teacher {speed['teacher_tok_s']:.0f} tok/s (generate): {speed['speedup']:.2f}x.", "",
+        "| phase | seconds |", "|---|---|",
+        *[f"| {k[:-2]} | {v:.0f} |" for k, v in summary["timings"].items()], "",
+        "![accuracy](accuracy.png) ![distillation](distill_kl.png) ![GRPO reward](grpo_reward.png)", "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="h1rl demo", description="distill-then-RL on the bundled teacher (CPU)")
+    parser.add_argument("--config", default=None, help="demo recipe (default: recipes/demo.yaml)")
+    parser.add_argument("--quick", action="store_true", help="a much smaller run (recipes/demo_quick.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out_dir=runs/demo2")
+    args = parser.parse_args(argv)
+    path = Path(args.config) if args.config else RECIPES / ("demo_quick.yaml" if args.quick else "demo.yaml")
+    if not path.exists():
+        parser.error(f"{path} does not exist; pass --config with a demo recipe")
+    run_demo(load_config(DemoConfig, path, args.overrides))
+    return 0

@@ -1,0 +1,379 @@
+r"""`h1rl eval`: accuracy and pass@k of a checkpoint on a math dataset, scored by math-verify.
+
+    h1rl eval --model DIR [--data FILE_OR_HUB_NAME] [--num-samples 8 --temperature 1.0] [--out eval.json]
+
+Works for any checkpoint h1rl loads: hybrids (and Apriel-H1 checkpoints) generate with the rollout engine
+(`h1rl.rollout.RolloutEngine`: prefill once, fast recurrent decode), other causal LMs (the plain transformer
+teachers) with `model.generate`. The default data is the bundled test split (`h1rl/assets/data/test.jsonl`), on
+which the bundled teacher was measured.
+
+What is measured, per problem, from n completions (`num_samples`):
+- each completion is the model's reply to the question as a chat prompt (the tokenizer's chat template, with
+  `add_generation_prompt`; plain question text when `chat=False`), decoded without special tokens and scored by
+  `h1rl.rewards.accuracy_reward` against the `answer` column (its last `\boxed{}` answer, checked by math-verify in
+  killable worker processes);
+- `accuracy`: the mean score over all completions: greedy accuracy when temperature is 0 (then n must be 1), else
+  the sampled accuracy, an unbiased estimate of pass@1;
+- `pass@k` for each k in `pass_k` (<= n): the unbiased estimator of Chen et al. 2021 (Codex),
+  1 - C(n - c, k) / C(n, k) per problem with c correct completions, averaged; pass@1 equals `accuracy`, and
+  pass@k never decreases with k.
+Also reported: the share of completions with no `\boxed{}` answer (`no_answer`) and of those cut at `max_new_tokens`
+(`truncated`), the mean completion length in tokens, the checker's counters (timeouts, crashes, errors are failures
+of the checker, not of the model), and every completion with its score, so a number in the table can be traced to
+the texts behind it.
+
+`evaluate(model, dataset, tokenizer=None, **settings)` returns that as a dict; `main(argv)` is the command line:
+it prints a table (`format_table`) and writes the dict as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate. `evaluate(..., **fields)` and the command-line options map onto these fields."""
+
+    num_samples: int = 1  # completions per problem (n)
+    temperature: float | None = None  # None: 0 (greedy) when num_samples is 1, else 1.0
+    top_p: float = 1.0
+    pass_k: list[int] = field(default_factory=list)  # k values for pass@k; empty: [1, num_samples]
+    max_new_tokens: int = 128
+    batch_size: int = 64  # problems per generation batch (rows = batch_size * num_samples)
+    seed: int = 0  # sampling seed (batch i samples with seed + i)
+    split: str = "test"  # for hub datasets
+    question_column: str = "question"
+    answer_column: str = "answer"
+    system_prompt: str | None = None  # prepended as a system message (chat prompts only)
+    chat: bool = True  # format prompts with the tokenizer's chat template
+    max_samples: int | None = None  # evaluate only the first N problems
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.temperature is None:
+            self.temperature = 0.0 if self.num_samples == 1 else 1.0
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError(f"temperature 0 (greedy) gives {self.num_samples} identical completions; set "
+                             "num_samples=1 or a temperature > 0")
+        if not self.pass_k:
+            self.pass_k = sorted({1, self.num_samples})
+        bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
+        if bad:
+            raise ValueError(f"pass_k values must be in 1..num_samples ({self.num_samples}), got {bad}")
+        self.pass_k = sorted(set(self.pass_k))
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 (or None for all), got {self.max_samples}")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
+    (0.25, 1.0, 0.0)
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def load_problems(dataset: Any, config: EvalConfig) -> tuple[list[dict[str, Any]], str]:
+    """(rows with the question and answer columns, a name for the report) from a path, hub name, or rows."""
+    if isinstance(dataset, (str, Path)):
+        name = str(dataset)
+        path = Path(dataset)
+        if path.suffix in LOCAL_SUFFIXES and not path.exists():
+            raise FileNotFoundError(f"eval data: {path} does not exist")
+        from h1rl.distill.data import load_rows
+
+        rows = [dict(r) for r in load_rows(name, split=config.split, max_samples=config.max_samples)]
+    else:
+        name = f"<{type(dataset).__name__} of {len(dataset)} rows>"
+        rows = [dict(r) for r in dataset]
+        if config.max_samples is not None:
+            rows = rows[: config.max_samples]
+    if not rows:
+        raise ValueError(f"eval data {name}: no rows")
+    for i, row in enumerate(rows):
+        missing = [c for c in (config.question_column, config.answer_column) if c not in row]
+        if missing:
+            raise ValueError(f"eval data {name}: row {i} has no column(s) {missing} (question_column / "
+                             f"answer_column); its columns are {sorted(row)}")
+        question = row[config.question_column]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"eval data {name}: row {i}: column {config.question_column!r} must be non-empty text")
+        if row[config.answer_column] is None:
+            raise ValueError(f"eval data {name}: row {i}: column {config.answer_column!r} is empty")
+    return rows, name
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a checkpoint directory: any h1rl hybrid, Apriel-H1 checkpoint or transformers LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import h1rl  # noqa: F401  (registers the hybrid Auto classes)
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"eval model: {path} has no config.json (expected a checkpoint directory)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def encode_prompts(rows: list[dict[str, Any]], tokenizer, config: EvalConfig) -> list[list[int]]:
+    """Token ids of each row's prompt (chat template with the generation prompt, or the plain question)."""
+    if config.chat and not tokenizer.chat_template:
+        raise ValueError("eval: the tokenizer has no chat template; pass chat=False (--no-chat) to prompt with the "
+                         "plain question text")
+    prompts = []
+    for row in rows:
+        question = row[config.question_column]
+        if config.chat:
+            messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+            messages.append({"role": "user", "content": question})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(question)["input_ids"]
+        prompts.append(list(ids))
+    return prompts
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the model's generation_config EOS ids."""
+    ids = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("eval: neither the tokenizer nor the model's generation_config has an EOS token; "
+                         "completions would never stop")
+    return sorted(ids)
+
+
+def generate(model, prompts: list[list[int]], config: EvalConfig, stop_ids: list[int], pad_id: int, seed: int
+             ) -> tuple[list[list[int]], list[str]]:
+    """n completions per prompt (prompt-major) and each one's finish reason ("stop" or "length")."""
+    from h1rl.models.modeling import HybridForCausalLM
+
+    n = config.num_samples
+    if isinstance(model, HybridForCausalLM):
+        from h1rl.rollout import RolloutEngine, SamplingParams
+
+        params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                top_p=config.top_p, stop_token_ids=stop_ids, seed=seed)
+        rollout = RolloutEngine(model, pad_token_id=pad_id).generate(prompts, n, params)
+        return rollout.completions(), rollout.finish_reasons
+
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (B, T) left-padded
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p) :] = torch.tensor(p)
+        mask[r, T - len(p) :] = 1
+    sample = config.temperature > 0
+    gen_config = GenerationConfig(
+        max_new_tokens=config.max_new_tokens, do_sample=sample, num_return_sequences=n,
+        temperature=config.temperature if sample else None, top_p=config.top_p if sample else None, top_k=None,
+        eos_token_id=stop_ids, pad_token_id=pad_id,
+    )
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config)
+    completions, reasons = [], []
+    for row in out[:, T:].tolist():
+        cut = next((j for j, tok in enumerate(row) if tok in stop_ids), None)
+        completions.append(row if cut is None else row[: cut + 1])
+        reasons.append("length" if cut is None else "stop")
+    return completions, reasons
+
+
+@torch.no_grad()
+def evaluate(model, dataset, tokenizer=None, config: EvalConfig | None = None, reward=None, **settings
+             ) -> dict[str, Any]:
+    """Evaluate `model` (a checkpoint directory or a loaded model with `tokenizer`) on `dataset` (a local file, a
+    hub dataset name, or a list of rows); returns the results dict (see the module docstring).
+
+    Settings are `EvalConfig` fields, given as `config` or as keywords (`num_samples=8, temperature=1.0`).
+    `reward`: an `accuracy_reward`-like callable to score with (default: a fresh one, closed afterwards).
+
+    >>> results = evaluate("runs/hybrid", "h1rl/assets/data/test.jsonl", num_samples=4)  # doctest: +SKIP
+    >>> results["accuracy"], results["pass@4"]  # doctest: +SKIP
+    """
+    if config is not None and settings:
+        raise TypeError(f"evaluate: pass settings either as config or as keywords, not both ({sorted(settings)})")
+    config = config if config is not None else EvalConfig(**settings)
+    model_name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if isinstance(model, (str, Path)):
+        model, loaded_tokenizer = load_model(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    elif tokenizer is None:
+        raise ValueError("evaluate: a loaded model needs its tokenizer (tokenizer=...)")
+    rows, data_name = load_problems(dataset, config)
+    prompts = encode_prompts(rows, tokenizer, config)
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    was_training = model.training
+    model.eval()
+
+    start = time.perf_counter()
+    completions: list[list[int]] = []
+    reasons: list[str] = []
+    for b in range(0, len(prompts), config.batch_size):
+        ids, why = generate(model, prompts[b : b + config.batch_size], config, stop_ids, pad_id,
+                            seed=config.seed + b // config.batch_size)
+        completions += ids
+        reasons += why
+    generate_s = time.perf_counter() - start
+    model.train(was_training)
+
+    n = config.num_samples
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    golds = [str(row[config.answer_column]) for row in rows for _ in range(n)]
+    from h1rl.rewards import accuracy_reward
+
+    scorer = reward if reward is not None else accuracy_reward(answer_column="answer")
+    try:
+        before = scorer.stats() if hasattr(scorer, "stats") else None
+        scores = scorer(completions=texts, answer=golds)
+        after = scorer.stats() if hasattr(scorer, "stats") else None
+    finally:
+        if reward is None:
+            scorer.close()
+    checker = {k: after[k] - before.get(k, 0) for k in after} if after is not None else {}
+    correct = [s == 1.0 for s in scores]
+
+    problems, per_k = [], {k: 0.0 for k in config.pass_k}
+    for i, row in enumerate(rows):
+        hits = correct[i * n : (i + 1) * n]
+        c = sum(hits)
+        for k in config.pass_k:
+            per_k[k] += pass_at_k(n, c, k)
+        problems.append({
+            "index": i, "question": row[config.question_column], "answer": str(row[config.answer_column]),
+            "num_correct": c, "completions": texts[i * n : (i + 1) * n], "correct": hits,
+            "finish_reasons": reasons[i * n : (i + 1) * n],
+        })
+    total = len(texts)
+    results: dict[str, Any] = {
+        "model": model_name,
+        "data": data_name,
+        "num_problems": len(rows),
+        "num_samples": n,
+        "temperature": config.temperature,
+        "accuracy": sum(correct) / total,
+        **{f"pass@{k}": v / len(rows) for k, v in per_k.items()},
+        "no_answer": sum(1 for t in texts if "\\boxed{" not in t) / total,
+        "truncated": reasons.count("length") / total,
+        "mean_completion_tokens": sum(len(c) for c in completions) / total,
+        "generate_seconds": generate_s,
+        "checker": checker,
+        "config": asdict(config),
+        "problems": problems,
+    }
+    failed = sum(checker.get(k, 0) for k in ("timeouts", "crashes", "errors"))
+    if failed:
+        logger.warning("eval: %d of %d checks failed in the checker (scored 0); see results['checker']", failed, total)
+    return results
+
+
+SUMMARY_KEYS = ("accuracy", "no_answer", "truncated", "mean_completion_tokens")
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A text table, one row per named result: problems, samples, temperature, accuracy, pass@k, ...
+
+    >>> print(format_table({"teacher": {"num_problems": 2, "num_samples": 1, "temperature": 0.0, "accuracy": 0.5,
+    ...                                 "pass@1": 0.5, "no_answer": 0.0, "truncated": 0.0,
+    ...                                 "mean_completion_tokens": 12.0}}))
+    model    problems  samples  temp  accuracy  pass@1  no_answer  truncated  tokens
+    teacher         2        1   0.0     0.500   0.500      0.000      0.000    12.0
+    """
+    ks = sorted({int(key[5:]) for r in results.values() for key in r if key.startswith("pass@")})
+    header = ["model", "problems", "samples", "temp", "accuracy", *[f"pass@{k}" for k in ks], "no_answer",
+              "truncated", "tokens"]
+    lines = []
+    for name, r in results.items():
+        cells = [name, str(r["num_problems"]), str(r["num_samples"]), f"{r['temperature']:.1f}",
+                 f"{r['accuracy']:.3f}"]
+        cells += [f"{r[f'pass@{k}']:.3f}" if f"pass@{k}" in r else "-" for k in ks]
+        cells += [f"{r['no_answer']:.3f}", f"{r['truncated']:.3f}", f"{r['mean_completion_tokens']:.1f}"]
+        lines.append(cells)
+    widths = [max(len(row[j]) for row in [header, *lines]) for j in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join(fmt(row) for row in [header, *lines])
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from h1rl.assets import held_out_path
+
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(prog="h1rl eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory (hybrid, Apriel-H1 or transformers LM)")
+    parser.add_argument("--data", default=str(held_out_path()),
+                        help="local .jsonl/.json/.parquet/.csv file or hub dataset name (default: the bundled test "
+                             "split)")
+    parser.add_argument("--split", default=defaults.split, help="split of a hub dataset")
+    parser.add_argument("--question-column", default=defaults.question_column)
+    parser.add_argument("--answer-column", default=defaults.answer_column)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--no-chat", action="store_true", help="prompt with the plain question, no chat template")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N problems only")
+    parser.add_argument("--num-samples", "-n", type=int, default=defaults.num_samples, help="completions per problem")
+    parser.add_argument("--pass-k", type=int, nargs="+", default=None, help="k values (default: 1 and n)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for n=1, else 1.0")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", default="eval.json", help="JSON file for the results (default: eval.json)")
+    args = parser.parse_args(argv)
+    config = EvalConfig(
+        num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p, pass_k=args.pass_k or [],
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, split=args.split,
+        question_column=args.question_column, answer_column=args.answer_column, system_prompt=args.system_prompt,
+        chat=not args.no_chat, max_samples=args.max_samples,
+    )
+    results = evaluate(args.model, args.data, config=config)
+    print(format_table({Path(args.model).name or args.model: results}))
+    if results["checker"].get("timeouts") or results["checker"].get("crashes") or results["checker"].get("errors"):
+        print(f"checker failures (scored 0): {results['checker']}")
+    print(f"results written to {write_results(results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
