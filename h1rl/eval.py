@@ -221,7 +221,8 @@ def evaluate(model, dataset, tokenizer=None, config: EvalConfig | None = None, r
     hub dataset name, or a list of rows); returns the results dict (see the module docstring).
 
     Settings are `EvalConfig` fields, given as `config` or as keywords (`num_samples=8, temperature=1.0`).
-    `reward`: an `accuracy_reward`-like callable to score with (default: a fresh one, closed afterwards).
+    `reward`: a callable scoring `reward(completions=texts, answer=references)` -> 1.0 per correct completion, like
+    `h1rl.rewards.accuracy_reward()` (the default: a fresh one, closed afterwards; one passed in is left open).
 
     >>> results = evaluate("runs/hybrid", "h1rl/assets/data/test.jsonl", num_samples=4)  # doctest: +SKIP
     >>> results["accuracy"], results["pass@4"]  # doctest: +SKIP
