@@ -108,8 +108,7 @@ class Attention(nn.Module):
                     f"layer {self.layer_idx}: attention_mask covers {attention_mask.shape[-1]} positions but the "
                     f"layer sees {S} keys ({S - T} cached + {T} new); pass the mask of the whole sequence so far"
                 )
-            if not bool(attention_mask.all()):
-                key_valid = attention_mask.bool()
+            key_valid = attention_mask.bool()  # the model passes None when nothing is padded
         mask = attention_mask_for(key_valid, T, S, self.sliding_window, B, hidden_states.device)
         out = F.scaled_dot_product_attention(
             q,

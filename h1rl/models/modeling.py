@@ -171,6 +171,8 @@ class HybridModel(HybridPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, -1)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, T, P)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: checked once here, not in every layer
         decode_step = cache is not None and past > 0 and T == 1
 
         hidden_states = inputs_embeds
