@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,24 @@ class ConfigError(ValueError):
     """A config file, override or field value that cannot become the typed config; the message names the key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, but reading `1e-4` as a float (YAML 1.1 wants `1.0e-4` and yields the string "1e-4",
+    which would reach TRL / transformers untyped through the free-form `trl` and `trainer_args` mappings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, reading `1e-4` as a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (_Loader is a SafeLoader)
+
+
 def load_config(
     cls: type[T],
     path: str | Path | None = None,
@@ -63,7 +82,7 @@ def load_config(
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = parse_yaml(Path(path).read_text()) or {}
         except FileNotFoundError as err:
             raise ConfigError(f"config file {path} does not exist") from err
         except yaml.YAMLError as err:
@@ -84,7 +103,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str =
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. loss.temperature=2.0")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from err
         parts = key.strip().split(".")

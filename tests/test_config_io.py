@@ -114,3 +114,12 @@ def test_overrides_do_not_touch_the_input():
 
 def test_docstring_example_runs():
     assert doctest.testmod(h1rl.config_io).failed == 0
+
+
+def test_exponent_floats_reach_free_form_mappings_as_numbers(tmp_path):
+    # YAML 1.1 reads `1e-4` as a string; in `extra` (like GRPORunConfig.trl) nothing would coerce it later
+    path = tmp_path / "cfg.yaml"
+    path.write_text("name: x\nitems: []\nextra: {lr: 1e-4, steps: 10, big: 2E3, tag: 1e4x}\n")
+    cfg = load_config(Outer, path, ["extra.lr2=3e-5", "inner.rate=5E-2"])
+    assert cfg.extra == {"lr": 1e-4, "steps": 10, "big": 2000.0, "tag": "1e4x", "lr2": 3e-5}
+    assert cfg.inner.rate == 0.05

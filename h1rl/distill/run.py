@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from torch import nn
@@ -47,7 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from h1rl.config_io import ConfigError, diff_keys, load_config, save_config, to_dict
+from h1rl.config_io import ConfigError, diff_keys, load_config, parse_yaml, save_config, to_dict
 from h1rl.distill.config import DistillConfig, StageConfig, check_schedule, scorer_candidates
 from h1rl.distill.data import build_dataset, calibration_batches, make_collator
 from h1rl.distill.importance import choose, format_table, loo_table, mmr_table, write_table
@@ -309,7 +308,7 @@ def _same_on_all_processes(layers: list[int]) -> list[int]:
 def _check_or_save_config(config: DistillConfig, out: Path, main_process: bool) -> None:
     saved = out / "resolved_config.yaml"
     if saved.is_file():
-        changed = diff_keys(yaml.safe_load(saved.read_text()), to_dict(config))
+        changed = diff_keys(parse_yaml(saved.read_text()), to_dict(config))
         if changed:
             raise ConfigError(
                 f"{out} holds a run started with a different config ({', '.join(changed)} changed; see {saved}); "

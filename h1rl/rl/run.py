@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from h1rl.config_io import diff_keys, load_config, save_config, to_dict
+from h1rl.config_io import diff_keys, load_config, parse_yaml, save_config, to_dict
 from h1rl.rl.config import DataConfig, GRPORunConfig, RewardSpec
 
 logger = logging.getLogger(__name__)
@@ -116,9 +116,7 @@ def run_grpo(cfg: GRPORunConfig):
     resume = last_complete_checkpoint(out)
     saved = out / "resolved_config.yaml"
     if resume is not None and saved.exists():
-        import yaml
-
-        changed = diff_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
+        changed = diff_keys(parse_yaml(saved.read_text()), to_dict(cfg))
         if changed:
             logger.warning("resuming %s with a changed config: %s", resume, ", ".join(changed))
     save_config(cfg, saved)
