@@ -97,7 +97,9 @@ DELEGATED = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from h1rl.distributed import strip_launcher_args
+
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher adds --local_rank
     if argv and argv[0] in DELEGATED:
         return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)

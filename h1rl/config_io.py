@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import re
 import types
 import typing
@@ -68,6 +69,17 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     """`yaml.safe_load`, reading `1e-4` as a float."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506  (_Loader is a SafeLoader)
+
+
+def import_object(spec: str, key: str) -> Any:
+    """The object a config names as `"package.module:attribute"`; ConfigError naming the config `key` if it fails."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ConfigError(f"{key}: expected 'package.module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{key}: cannot import {spec!r}: {err}") from err
 
 
 def load_config(

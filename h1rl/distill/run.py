@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import os
 import shutil
@@ -46,12 +45,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from h1rl.config_io import ConfigError, diff_keys, load_config, parse_yaml, save_config, to_dict
+from h1rl.config_io import ConfigError, diff_keys, import_object, load_config, parse_yaml, save_config, to_dict
 from h1rl.distill.config import DistillConfig, StageConfig, check_schedule, scorer_candidates
 from h1rl.distill.data import build_dataset, calibration_batches, make_collator
 from h1rl.distill.importance import choose, format_table, loo_table, mmr_table, write_table
 from h1rl.distill.swap import layout_of, swap_to_mamba
 from h1rl.distill.trainer import DistillTrainer, evaluate_metric, set_trainable, training_arguments
+from h1rl.distributed import prepare_training_kwargs
 from h1rl.models import HybridForCausalLM
 from h1rl.models.convert import convert_teacher
 
@@ -83,6 +83,7 @@ def run_distillation(
     float`: replaces the importance metric (`importance.eval_fn` names one in the config).
     """
     out = Path(config.out_dir)
+    prepare_training_kwargs(config.training.deepspeed)  # before anything asks for the accelerate state
     main_process = PartialState().is_main_process
     dtype = getattr(torch, config.model.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -268,11 +269,7 @@ def load_student(path: str | Path, dtype: torch.dtype) -> HybridForCausalLM:
 
 def import_eval_fn(spec: str) -> EvalFn:
     """`"package.module:function"` -> the function (importance.eval_fn)."""
-    module_name, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"importance.eval_fn: cannot import {spec!r}: {err}") from err
+    return import_object(spec, "importance.eval_fn")
 
 
 def _make_probe(run: _Run, k: int, stage: StageConfig) -> Callable[[HybridForCausalLM], float]:

@@ -7,7 +7,8 @@ for inference with TRL's `prepare_deepspeed` (sharded under ZeRO-3), since the T
 
 The student is called through the (possibly wrapped) model with `logits_to_keep=1` and `output_hidden_states=True`:
 its final hidden states feed the chunked loss of `h1rl.distill.losses`, and no full `(B, T, V)` logits are made.
-The returned loss is a per-batch mean over target tokens; the Trainer divides it by the gradient accumulation steps.
+The returned loss is the micro-batch's part of the mean over the whole step's target tokens (all accumulation steps,
+all processes: the Trainer's `num_items_in_batch`).
 
 Also here: `hidden_states` (the one forward used by the trainer, the scorers and the stage metrics),
 `evaluate_metric` (KL or LM loss of a model on calibration batches), `set_trainable` and `training_arguments`.
@@ -24,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 
 from h1rl.distill.config import LossConfig, TrainingConfig
 from h1rl.distill.losses import distill_loss, hidden_alignment
+from h1rl.distributed import deepspeed_config_path, prepare_training_kwargs
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], all_layers: bool = False):
@@ -114,7 +116,10 @@ def set_trainable(model: nn.Module, mamba_only: bool) -> int:
 def training_arguments(
     config: TrainingConfig, output_dir: str, max_steps: int, learning_rate: float, save: bool = True, **overrides: Any
 ) -> TrainingArguments:
-    """The stage's `TrainingArguments` from the typed `training` section (CPU when no GPU is present)."""
+    """The stage's `TrainingArguments` from the typed `training` section (CPU when no GPU is present).
+
+    Multi-process CPU runs get their gloo process group and accelerate state here (`h1rl.distributed`).
+    """
     kwargs = dict(
         output_dir=output_dir,
         max_steps=max_steps,
@@ -132,11 +137,12 @@ def training_arguments(
         bf16=config.bf16,
         activation_checkpointing=config.activation_checkpointing,
         seed=config.seed,
-        deepspeed=config.deepspeed,
+        deepspeed=deepspeed_config_path(config.deepspeed),
         report_to=config.report_to,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         **config.trainer_args,
+        **prepare_training_kwargs(config.deepspeed),
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -148,12 +154,12 @@ class DistillTrainer(Trainer):
     `pad_length`: passed to the chunked loss so every process runs the same number of chunks (ZeRO-3).
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-
     def __init__(self, *args: Any, teacher: nn.Module, loss_config: LossConfig, pad_length: int | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # no num_items_in_batch: the loss normalises itself per batch
+        # The Trainer then counts the target tokens of the whole optimizer step (all accumulation micro-batches, all
+        # processes) and passes them to compute_loss as `num_items_in_batch`.
+        self.model_accepts_loss_kwargs = True
         self.loss_config = loss_config
         self.pad_length = pad_length
         teacher.eval()
@@ -172,7 +178,16 @@ class DistillTrainer(Trainer):
         parts = batch_loss(model, self.teacher, inputs, self.loss_config, self.pad_length)
         for name in ("kl", "ce", "hidden"):
             self._parts[name].append(float(parts[name].detach()))
-        return (parts["loss"], parts) if return_outputs else parts["loss"]
+        loss = parts["loss"]
+        # Weighted by this micro-batch's share of the step's target tokens: the gradient is then that of the mean over
+        # all target tokens of the global batch, whatever the split into processes and accumulation steps (so N
+        # processes train exactly like one process with the same global batch). Gradients are averaged across
+        # processes, hence the factor num_processes.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is not None:
+            share = parts["tokens"] / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+            loss = loss * share * self.accelerator.num_processes
+        return (loss, parts) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean loss parts since the last log (kl, and ce / hidden when they are used)."""

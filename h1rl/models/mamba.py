@@ -69,7 +69,10 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(Di, self.d_state))
         self.D = nn.Parameter(torch.empty(Di))
         self.out_proj = nn.Linear(Di, D, bias=cfg.bias)
-        self.init_weights()
+        # Built inside DeepSpeed's zero.Init (ZeRO-3 from_pretrained), the submodules' parameters are already
+        # partitioned (empty here): transformers then runs `_init_weights` with them gathered, module by module.
+        if not hasattr(self.dt_proj.weight, "ds_id"):
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

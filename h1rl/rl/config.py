@@ -10,7 +10,7 @@ targets that include the Mamba projections, and dynamic sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 # The Mamba projections come first: a LoRA preset that forgets them leaves every m2 layer's mixer frozen.
 DEFAULT_LORA_TARGETS = ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
@@ -29,13 +29,26 @@ class DataConfig:
     max_samples: int | None = None  # keep only the first N rows (quick runs)
 
 
+BUILTIN_REWARDS = ("accuracy", "format", "length")
+
+
 @dataclass
 class RewardSpec:
-    """One reward function and its weight; `options` go to the reward's factory (see docs/rewards.md)."""
+    """One reward function and its weight (see docs/rewards.md).
 
-    name: Literal["accuracy", "format", "length"]
+    `name`: a built-in (`accuracy`, `format`, `length`; `options` go to its factory) or your own function as
+    `"package.module:function"`, following TRL's reward contract; with `options`, that function is a factory and
+    is called with them to make the reward function.
+    """
+
+    name: str
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in BUILTIN_REWARDS and ":" not in self.name:
+            raise ValueError(f"name: {self.name!r} is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
+                             "an import path 'package.module:function'")
 
 
 @dataclass

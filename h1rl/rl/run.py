@@ -22,7 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from h1rl.config_io import diff_keys, load_config, parse_yaml, save_config, to_dict
+from h1rl.config_io import diff_keys, import_object, load_config, parse_yaml, save_config, to_dict
+from h1rl.distributed import deepspeed_config_path, prepare_training_kwargs
 from h1rl.rl.config import DataConfig, GRPORunConfig, RewardSpec
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,19 @@ def build_rewards(specs: list[RewardSpec], answer_column: str) -> tuple[list, li
         "length": rewards.overlong_penalty,
     }
     funcs = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if spec.name in factories:
+            factory = factories[spec.name]
+        else:  # "package.module:function": the reward itself, or its factory when options are given
+            func = import_object(spec.name, f"rewards.{i}.name")
+            if not callable(func):
+                raise ValueError(f"rewards.{i}.name: {spec.name} is not callable")
+            if not spec.options:
+                funcs.append(func)
+                continue
+            factory = func
         try:
-            funcs.append(factories[spec.name](**spec.options))
+            funcs.append(factory(**spec.options))
         except TypeError as err:
             raise ValueError(f"rewards[{spec.name}].options: {err}") from err
     return funcs, [spec.weight for spec in specs]
@@ -124,6 +135,8 @@ def run_grpo(cfg: GRPORunConfig):
     dataset = load_prompts(cfg.data)
     reward_funcs, weights = build_rewards(cfg.rewards, cfg.data.answer_column)
     trl_kwargs = dict(cfg.trl)
+    trl_kwargs["deepspeed"] = deepspeed_config_path(trl_kwargs.get("deepspeed"))  # "zero2" etc. or a JSON file
+    trl_kwargs.update(prepare_training_kwargs(trl_kwargs["deepspeed"]))  # multi-process CPU: gloo (see module)
     trl_kwargs.setdefault("use_cpu", not torch.cuda.is_available())
     trl_kwargs.setdefault("bf16", torch.cuda.is_available())
     trl_kwargs.setdefault("report_to", [])

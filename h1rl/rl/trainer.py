@@ -24,8 +24,9 @@ gradient; with `dynamic_sampling_rounds > 0` such groups are replaced by groups 
 scored in up to that many extra rounds per batch (the cap). Groups still tied after the last round stay in the
 batch, so its size never changes. Logged as `dynamic_sampling/*`. Single-process only for now.
 
-Rollouts are seeded from (`args.seed`, global step, process index, rollouts so far at that step), so a resumed run
-draws the same completions as an uninterrupted one.
+Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
+completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
+processes draws the same completions as one process holding the whole global batch.
 """
 
 from __future__ import annotations
@@ -130,17 +131,23 @@ class HybridGRPOTrainer(GRPOTrainer):
         return None
 
     def _rollout_seed(self) -> int:
-        """A seed from (run seed, global step, process, rollouts so far at this step): the same after a resume."""
+        """A seed from (run seed, global step, rollouts so far at this step): the same after a resume, and the same
+        in every process (each process samples its own rows of one shared stream, see `_sampling_params`)."""
         step = self.state.global_step
         if step != self._rollout_step:
             self._rollout_step, self._rollouts_at_step = step, 0
         self._rollouts_at_step += 1
-        key = (self.args.seed, step, self.accelerator.process_index, self._rollouts_at_step)
+        key = (self.args.seed, step, self._rollouts_at_step)
         return hash(key) % (2**62)  # tuples of ints hash the same in every process and run
 
-    def _sampling_params(self) -> SamplingParams:
+    def _sampling_params(self, rows: int) -> SamplingParams:
+        """The run's sampling settings for `rows` completions on this process: its rows of the global batch's seeded
+        stream, so that N processes draw exactly what one process with the whole global batch would."""
         args = self.args
+        processes, index = self.accelerator.num_processes, self.accelerator.process_index
         return SamplingParams(
+            stream_rows=rows * processes,  # every process generates the same number of rows per call
+            stream_offset=rows * index,  # accelerate gives process i the i-th slice of the global batch
             max_new_tokens=args.max_completion_length,
             temperature=args.temperature,
             top_k=args.top_k or 0,
@@ -156,7 +163,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             raise NotImplementedError("HybridGRPOTrainer handles text-only prompts")
         mode = "train" if self.model.training else "eval"
         unique, counts = group_consecutive(prompt_ids)
-        params = self._sampling_params()
+        params = self._sampling_params(len(prompt_ids))
         start = time.perf_counter()
         with (
             unwrap_model_for_generation(

@@ -125,6 +125,10 @@ class RolloutEngine:
             raise ValueError(f"num_generations must be a positive int or one positive count per prompt, got {counts}")
         G = torch.tensor(counts, device=device)  # (B,) completions per prompt
         R = int(G.sum())
+        stream = params.stream_rows if params.stream_rows is not None else R  # uniforms drawn per step
+        if params.stream_offset + R > stream:
+            raise ValueError(f"rows {params.stream_offset}..{params.stream_offset + R - 1} of this call do not fit in "
+                             f"the sampling stream of {stream} rows (SamplingParams.stream_rows / stream_offset)")
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item()))
 
@@ -172,7 +176,8 @@ class RolloutEngine:
         for t in range(params.max_new_tokens):
             n = rows.numel()
             hist = history[:n, : Tp + t] if params.repetition_penalty != 1.0 else None
-            uniforms = torch.rand(R, generator=generator, device=device)[rows]  # per output row: compaction-proof
+            # one uniform per output row, indexed by its row in the stream: compaction- and sharding-proof
+            uniforms = torch.rand(stream, generator=generator, device=device)[params.stream_offset + rows]
             tokens, lp = sample_next(logits, params, uniforms, hist)  # (n,), (n,)
             tokens = torch.where(done, self.pad_token_id, tokens)
             completion[rows, t] = tokens

@@ -27,6 +27,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already in the prompt or completion (1: off)
     stop_token_ids: list[int] = field(default_factory=list)  # a row finishes (reason "stop") after emitting one
     seed: int | None = None  # seeds the sampler; None draws a fresh seed from torch's global generator
+    # Sharded rollouts: the seeded stream draws `stream_rows` uniforms per step and this call's rows use those from
+    # `stream_offset` on. Processes that split one global batch (same seed, offset = rows before theirs) then sample
+    # exactly what a single process sampling the whole batch would. None: the stream is this call's own rows.
+    stream_rows: int | None = None
+    stream_offset: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -41,6 +46,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.stream_offset < 0 or (self.stream_rows is not None and self.stream_rows < 1):
+            raise ValueError(f"stream_rows must be >= 1 and stream_offset >= 0, got {self.stream_rows}, "
+                             f"{self.stream_offset}")
 
     @property
     def greedy(self) -> bool:

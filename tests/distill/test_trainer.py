@@ -12,7 +12,7 @@ from h1rl.distill.trainer import DistillTrainer, evaluate_metric, set_trainable,
 from h1rl.models.convert import convert_teacher
 
 
-def setup(toy_world, tmp_path, loss: LossConfig, steps: int, freeze: bool = False):
+def setup(toy_world, tmp_path, loss: LossConfig, steps: int, freeze: bool = False, batch: int = 8, **training):
     tok = load_tokenizer(toy_world["teacher"])
     teacher = AutoModelForCausalLM.from_pretrained(toy_world["teacher"]).eval()
     student = convert_teacher(teacher, ["t", "m2", "t", "m2"], ssm_cfg={"d_state": 16}, seed=0)
@@ -20,9 +20,9 @@ def setup(toy_world, tmp_path, loss: LossConfig, steps: int, freeze: bool = Fals
     ds = build_dataset(toy_world["train"], tok, data)
     calib = calibration_batches(build_dataset(toy_world["calib"], tok, data), make_collator(tok), 16, 16)
     set_trainable(student, mamba_only=freeze)
-    args = training_arguments(TrainingConfig(per_device_train_batch_size=8, logging_steps=5,
-                                             lr_scheduler_type="constant"), str(tmp_path / "out"), steps, 5e-4,
-                              save=False, disable_tqdm=True)
+    args = training_arguments(TrainingConfig(per_device_train_batch_size=batch, logging_steps=5,
+                                             lr_scheduler_type="constant", **training), str(tmp_path / "out"), steps,
+                              5e-4, save=False, disable_tqdm=True)
     trainer = DistillTrainer(model=student, args=args, train_dataset=ds, data_collator=make_collator(tok),
                              processing_class=tok, teacher=teacher, loss_config=loss, pad_length=48)
     return trainer, student, teacher, calib
@@ -48,6 +48,22 @@ def test_distillation_lowers_kl_and_keeps_teacher_frozen(toy_world, tmp_path):
     assert logged and all({"ce", "hidden"} <= set(entry) for entry in logged)
     losses = [entry["loss"] for entry in logged]
     assert losses[-1] < losses[0]
+
+
+def test_gradient_accumulation_equals_one_big_batch(toy_world, tmp_path):
+    """The loss is a mean over the step's target tokens, not a mean of per-micro-batch means: 2 x 4 rows == 8 rows
+    (the same normalisation makes N processes train like one, see tests/distributed)."""
+    loss = LossConfig(kind="reverse_kl", ce_weight=0.5, chunk_size=8)
+    big, big_student, _, _ = setup(toy_world, tmp_path / "big", loss, steps=2, batch=8)
+    small, small_student, _, _ = setup(toy_world, tmp_path / "small", loss, steps=2, batch=4,
+                                       gradient_accumulation_steps=2)
+    start = snapshot(big_student)
+    assert all(torch.equal(v, small_student.state_dict()[k]) for k, v in start.items())
+    big.train()
+    small.train()
+    moved = max((v - start[k]).abs().max().item() for k, v in big_student.state_dict().items())
+    gap = max((v - small_student.state_dict()[k]).abs().max().item() for k, v in big_student.state_dict().items())
+    assert moved > 1e-4 and gap < 1e-3 * moved, (moved, gap)
 
 
 def test_freeze_non_mamba_trains_only_mixers(toy_world, tmp_path):

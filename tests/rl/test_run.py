@@ -119,3 +119,21 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(a[name], b[name]), name
     original = load_file(model / "model.safetensors")
     assert any(not torch.equal(original[n], a[n]) for n in a)  # training did move the weights
+
+
+def test_custom_rewards_by_import_path():
+    from h1rl.rl.config import RewardSpec
+    from h1rl.rl.run import build_rewards
+
+    funcs, weights = build_rewards(
+        [RewardSpec("h1rl.rewards:format_reward", 0.5, {"reasoning_tags": ["<r>", "</r>"]}),  # a factory + options
+         RewardSpec("toy_rewards:distinct_tokens", 2.0)],  # a reward function itself
+        "answer",
+    )
+    assert weights == [0.5, 2.0]
+    assert funcs[1](completion_ids=[[1, 2, 2], [3]]) == [2.0, 1.0]
+    assert funcs[0](completions=[r"<r> so </r> \boxed{4}", "4"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="neither a built-in reward"):
+        RewardSpec("my_reward")
+    with pytest.raises(ConfigError, match=r"rewards.0.name: cannot import 'h1rl.nope:f'"):
+        build_rewards([RewardSpec("h1rl.nope:f")], "answer")

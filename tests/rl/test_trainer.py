@@ -37,6 +37,7 @@ def test_group_consecutive():
 
 @pytest.mark.parametrize("steps_per_generation", [1, 2])
 def test_grpo_steps_change_parameters_and_log_rollouts(tmp_path, steps_per_generation):
+    torch.manual_seed(0)  # a random model whose groups all tie would give no gradient; keep it one that does not
     tokenizer = tiny_tokenizer()
     model = tiny_model(["t", "m2", "m2"], vocab_size=len(tokenizer)).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -57,12 +58,13 @@ def test_grpo_steps_change_parameters_and_log_rollouts(tmp_path, steps_per_gener
 def test_grpo_with_lora_trains_adapters_only(tmp_path):
     from peft import LoraConfig
 
+    torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     model = tiny_model(["t", "m2"], vocab_size=len(tokenizer)).train()
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"])
     trainer = HybridGRPOTrainer(
-        model=model, reward_funcs=distinct_words, args=grpo_args(tmp_path), train_dataset=prompts_dataset(),
-        processing_class=tokenizer, peft_config=lora,
+        model=model, reward_funcs=distinct_words, args=grpo_args(tmp_path, max_steps=4),
+        train_dataset=prompts_dataset(), processing_class=tokenizer, peft_config=lora,
     )
     adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)

@@ -115,6 +115,29 @@ def test_compaction_does_not_change_results():
     assert (eager.logprobs - never.logprobs).abs().max() <= 1e-5
 
 
+def test_sharded_sampling_equals_one_process_sampling_the_whole_batch():
+    """Two "processes" each sampling their half of a seeded stream draw what one process draws for the whole batch
+    (as HybridGRPOTrainer does under data parallelism), prompt padding and early stops included."""
+    model = tiny_model()
+    prompts = random_prompts([4, 7, 3, 6])
+    kwargs = dict(max_new_tokens=10, temperature=1.2, stop_token_ids=list(range(1, 97, 5)), seed=2024)
+    whole = RolloutEngine(model, pad_token_id=0).generate(prompts, 3, SamplingParams(**kwargs))
+    halves = [
+        RolloutEngine(model, pad_token_id=0).generate(
+            prompts[2 * i : 2 * i + 2], 3, SamplingParams(stream_rows=12, stream_offset=6 * i, **kwargs)
+        )
+        for i in range(2)
+    ]
+    assert whole.completions() == halves[0].completions() + halves[1].completions()
+    logprobs = [lp[:n] for half in halves for lp, n in zip(half.logprobs, half.lengths.tolist())]
+    for row, (lp, n) in enumerate(zip(whole.logprobs, whole.lengths.tolist())):
+        assert torch.allclose(lp[:n], logprobs[row], atol=1e-5), f"row {row}"
+    assert not torch.equal(halves[0].completion_ids, halves[1].completion_ids)
+    with pytest.raises(ValueError, match="do not fit in the sampling stream"):
+        params = SamplingParams(stream_rows=8, stream_offset=4, **kwargs)
+        RolloutEngine(model, pad_token_id=0).generate(prompts[:2], 3, params)
+
+
 def test_truncation_keeps_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     keep = lambda **kw: torch.isfinite(truncate(logits, SamplingParams(**kw)))[0].tolist()  # noqa: E731

@@ -1,0 +1,75 @@
+"""One rank of a multi-process test run, started by torchrun: `worker.py {grpo,distill} CONFIG REPORT_DIR [k=v ...]`.
+
+Runs `h1rl grpo` / `h1rl distill` exactly as the command line does (the library entry points), then writes what the
+test compares into REPORT_DIR: `rank{R}.json` (world size and rank as the trainer saw them) and `rank{R}.pt` (the
+trained parameters as this rank holds them, gathered first under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value on this rank (ZeRO-3 partitions are gathered first)."""
+    params = dict(model.named_parameters())
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().clone().float() for n, p in params.items()}
+    return {n: p.detach().clone().float() for n, p in params.items()}
+
+
+def report(out: Path, model: torch.nn.Module, accelerator) -> None:
+    rank = accelerator.process_index
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(full_parameters(model), out / f"rank{rank}.pt")
+    info = {
+        "num_processes": accelerator.num_processes,
+        "process_index": rank,
+        "torch_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "distributed_type": str(accelerator.distributed_type),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+class ReportAtEnd(TrainerCallback):
+    """Distillation builds its trainers itself: report from the last stage's `on_train_end`."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from accelerate import PartialState
+
+        report(self.out, model, PartialState())
+
+
+def main(argv: list[str]) -> None:
+    mode, config_path, out, *overrides = argv
+    out = Path(out)
+    if mode == "grpo":
+        from h1rl.config_io import load_config
+        from h1rl.rl.config import GRPORunConfig
+        from h1rl.rl.run import run_grpo
+
+        trainer = run_grpo(load_config(GRPORunConfig, config_path, overrides))
+        report(out, trainer.model, trainer.accelerator)
+    elif mode == "distill":
+        from h1rl.config_io import load_config
+        from h1rl.distill.config import DistillConfig
+        from h1rl.distill.run import run_distillation
+
+        run_distillation(load_config(DistillConfig, config_path, overrides), callbacks=[ReportAtEnd(out)])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
