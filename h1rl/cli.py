@@ -4,6 +4,7 @@
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
     h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2]
+    h1rl bench memory [--gpus 16] [--seq-len 8192]     (or python -m h1rl.bench.memory --help for every knob)
     h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
     h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
     h1rl demo [--quick] [--config recipes/demo.yaml] [key=value ...]
@@ -45,6 +46,10 @@ def _bench(args: argparse.Namespace) -> int:
         run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
                            steps=args.repeats, hidden=args.hidden, layers=args.layers)
         return 0
+    if args.what == "memory":
+        from h1rl.bench.memory import main as memory_main
+
+        return memory_main(["--gpus", str(args.gpus), "--seq-len", str(args.seq_len)])
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("bench", help="print speed measurements (side by side, one run)")
-    p.add_argument("what", choices=["scan", "rollout", "grpo"])
+    p.add_argument("what", choices=["scan", "rollout", "grpo", "memory"])
     p.add_argument("--batch", type=int, default=4, help="sequences (scan) or distinct prompts (rollout)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048], help="scan: sequence lengths")
@@ -78,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rollout: generated lengths")
     p.add_argument("--layers", type=int, default=8, help="rollout: layers of the teacher (half become m2)")
     p.add_argument("--generations", type=int, default=8, help="rollout: completions per prompt (G)")
+    p.add_argument("--gpus", type=int, default=16, help="memory: data-parallel GPUs (N nodes x 8)")
+    p.add_argument("--seq-len", type=int, default=8192, help="memory: prompt + completion tokens")
     p.add_argument("--out", default="bench-rollout", help="rollout: folder for rollout.json and rollout.png")
     p.set_defaults(func=_bench)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
-from h1rl.config_io import diff_keys, import_object, load_config, parse_yaml, save_config, to_dict
+from h1rl.config_io import ConfigError, diff_keys, import_object, load_config, parse_yaml, save_config, to_dict
 from h1rl.distributed import deepspeed_config_path, prepare_training_kwargs
 from h1rl.rl.config import DataConfig, GRPORunConfig, RewardSpec
 
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trl.max_steps=10 data.max_samples=64")
     args = parser.parse_args(argv)
-    cfg = load_config(GRPORunConfig, args.config, args.overrides)
-    run_grpo(cfg)
+    try:
+        run_grpo(load_config(GRPORunConfig, args.config, args.overrides))
+    except ConfigError as err:
+        print(f"h1rl grpo: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -38,10 +38,18 @@ def env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
-def launch(mode: str, config: Path, report: Path, *overrides: str) -> list[dict]:
-    """torchrun 2 processes of the worker; returns the two ranks' reports (their parameters under `params`)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), mode, str(config), str(report), *overrides]
+LAUNCHERS = {  # 2 processes on this machine, as docs/multinode.md launches them (the worker in place of h1rl.cli)
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port"],
+    "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/zero2.yaml"),
+                   "--num_processes", "2", "--main_process_port"],
+}
+
+
+def launch(mode: str, config: Path, report: Path, *overrides: str, launcher: str = "torchrun") -> list[dict]:
+    """2 processes of the worker; returns the two ranks' reports (their parameters under `params`)."""
+    cmd = [sys.executable, *LAUNCHERS[launcher], str(free_port()), str(WORKER), mode, str(config), str(report),
+           *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     ranks = []
@@ -138,6 +146,17 @@ def test_grpo_two_processes_match_one(grpo_reference, stage):
     saved = hf_params(out / "final")  # written by save_model: under ZeRO-3 the 16-bit weights are gathered on save
     for name, value in saved.items():
         assert torch.allclose(value, ranks[0]["params"][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_other_launchers_give_the_same_run(grpo_reference, launcher):
+    """`deepspeed` (which adds --local_rank to the command line) and `accelerate launch` with the bundled ZeRO-2
+    accelerate config (DeepSpeed enabled by the launcher, not the recipe) train exactly like torchrun."""
+    root, recipe, reference, start = grpo_reference
+    extra = [] if launcher == "accelerate" else ["trl.deepspeed=zero2"]
+    ranks = launch("grpo", recipe, root / f"{launcher}_report", f"output_dir={root / launcher}", *extra,
+                   "trl.per_device_train_batch_size=4", launcher=launcher)
+    check_ranks(ranks, reference, start)
 
 
 # -------------------------------------------------------------------------------------------------- distillation

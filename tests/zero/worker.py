@@ -72,4 +72,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from h1rl.distributed import strip_launcher_args
+
+    main(strip_launcher_args(sys.argv[1:]))  # the deepspeed launcher adds --local_rank=N
