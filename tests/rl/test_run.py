@@ -41,7 +41,7 @@ def recipe(root: Path, model: Path, data: Path, out: Path, **trl) -> Path:
         "model": str(model),
         "output_dir": str(out),
         "data": {"path": str(data), "prompt_column": "question", "answer_column": "answer"},
-        "rewards": [{"name": "length", "weight": 1.0, "options": {"max_length": 8, "cache_length": 6}}],
+        "rewards": [{"name": "toy_rewards:distinct_tokens", "weight": 1.0}],  # varies within every group
         "trl": {"per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8,
                 "learning_rate": 0.01, "logging_steps": 1, "seed": 0, "beta": 0.0, "save_strategy": "steps",
                 "save_steps": 1, **trl},
@@ -81,7 +81,8 @@ def test_incomplete_checkpoints_are_skipped(tmp_path):
 
 
 def run_cli(config: Path, *overrides: str, kill_when: Path | None = None) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # toy_rewards
     proc = subprocess.Popen([sys.executable, "-m", "h1rl.cli", "grpo", "--config", str(config), *overrides],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if kill_when is None:
