@@ -215,11 +215,16 @@ def write_report(out: Path, summary: dict[str, Any], results: dict[str, Any], gr
     fig.savefig(out / "distill_kl.png", dpi=120)
     plt.close(fig)
 
-    steps = [e for e in grpo_log if "reward" in e]
+    rewards = [e["reward"] for e in grpo_log if "reward" in e]
+    window = max(1, min(10, len(rewards) // 5))
+    smooth = [sum(rewards[max(0, i + 1 - window) : i + 1]) / len(rewards[max(0, i + 1 - window) : i + 1])
+              for i in range(len(rewards))]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(range(1, len(steps) + 1), [e["reward"] for e in steps], "-")
+    ax.plot(range(1, len(rewards) + 1), rewards, "-", color="#9bc", label="per step")
+    ax.plot(range(1, len(rewards) + 1), smooth, "-", color="#27c", label=f"mean of the last {window}")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("mean reward")
+    ax.set_ylabel("mean training reward")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out / "grpo_reward.png", dpi=120)
     plt.close(fig)
