@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO on CPU with 2 processes (torchrun, gloo): GRPO under ZeRO-2 and ZeRO-3, distillation under ZeRO-2.
+"""DeepSpeed ZeRO on CPU with 2 processes (gloo): GRPO under ZeRO-2, ZeRO-3 and plain DDP, distillation under ZeRO-2.
 
 Each run is launched as a user would (`torchrun --nproc_per_node 2`, the recipe's `deepspeed: zero2|zero3`), and
 checked: world size 2 as the trainer saw it; parameters identical on both ranks afterwards; the same parameters as a
@@ -67,12 +67,13 @@ def single(mode: str, config: Path, *overrides: str) -> None:
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
-def check_ranks(ranks: list[dict], reference: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> None:
+def check_ranks(ranks: list[dict], reference: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                kind: str = "DEEPSPEED") -> None:
     """World size 2 on both ranks, identical parameters on both, equal to the 1-process `reference` (which trained
     away from `start`, compared on the names they share) within float32 tolerance."""
     for info in ranks:
         assert info["num_processes"] == 2 and info["torch_world_size"] == 2, info
-        assert "DEEPSPEED" in info["distributed_type"], info
+        assert kind in info["distributed_type"], info
     assert sorted(info["process_index"] for info in ranks) == [0, 1]
     a, b = ranks[0]["params"], ranks[1]["params"]
     assert a.keys() == b.keys() == reference.keys()
@@ -136,13 +137,14 @@ def grpo_reference(tmp_path_factory):
     return root, recipe, reference, load_file(model / "model.safetensors")
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "ddp"])
 def test_grpo_two_processes_match_one(grpo_reference, stage):
     root, recipe, reference, start = grpo_reference
     out = root / stage
-    ranks = launch("grpo", recipe, root / f"{stage}_report", f"output_dir={out}", f"trl.deepspeed={stage}",
+    deepspeed = [] if stage == "ddp" else [f"trl.deepspeed={stage}"]  # ddp: plain data parallel over gloo
+    ranks = launch("grpo", recipe, root / f"{stage}_report", f"output_dir={out}", *deepspeed,
                    "trl.per_device_train_batch_size=4")  # 2 processes x 4 = the reference's global batch of 8
-    check_ranks(ranks, reference, start)
+    check_ranks(ranks, reference, start, kind="MULTI_CPU" if stage == "ddp" else "DEEPSPEED")
     saved = hf_params(out / "final")  # written by save_model: under ZeRO-3 the 16-bit weights are gathered on save
     for name, value in saved.items():
         assert torch.allclose(value, ranks[0]["params"][name], atol=1e-6), name
