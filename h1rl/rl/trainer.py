@@ -22,7 +22,9 @@ tokenisation, tool and logging code paths intact.
 Beyond TRL, optional dynamic sampling (DAPO): prompt groups whose rewards all tie have zero advantage and give no
 gradient; with `dynamic_sampling_rounds > 0` such groups are replaced by groups of fresh prompts, generated and
 scored in up to that many extra rounds per batch (the cap). Groups still tied after the last round stay in the
-batch, so its size never changes. Logged as `dynamic_sampling/*`. Single-process only for now.
+batch, so its size never changes. Logged as `dynamic_sampling/*`. With several processes, each refills its own
+groups (it must hold whole groups) and all run the same rounds with equally many fresh groups, as TRL's gathers
+need; fresh prompts then differ by process, so such a run is not identical to a single-process one.
 
 Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
 completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
@@ -100,8 +102,13 @@ class HybridGRPOTrainer(GRPOTrainer):
         super().__init__(model, funcs if isinstance(reward_funcs, list) else funcs[0], *args, **kwargs)
         if dynamic_sampling_rounds < 0:
             raise ValueError(f"dynamic_sampling_rounds must be >= 0, got {dynamic_sampling_rounds}")
-        if dynamic_sampling_rounds and self.accelerator.num_processes > 1:
-            raise NotImplementedError("dynamic sampling runs in a single process for now; disable it for multi-GPU")
+        local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        if dynamic_sampling_rounds and self.accelerator.num_processes > 1 and local_rows % self.num_generations:
+            raise ValueError(
+                f"dynamic sampling with {self.accelerator.num_processes} processes needs whole groups on each process: "
+                f"per_device_train_batch_size x steps_per_generation ({local_rows}) must be a multiple of "
+                f"num_generations ({self.num_generations})"
+            )
         self.dynamic_sampling_rounds = dynamic_sampling_rounds
         self._last_rewards_per_func: torch.Tensor | None = None
         if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
@@ -208,39 +215,50 @@ class HybridGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _tied_groups(self) -> torch.Tensor:
-        """Per row: whether its group's (weighted) rewards have zero spread, as TRL computes them."""
+        """Per row of this process: whether its group's (weighted) rewards have zero spread, as TRL computes them.
+
+        TRL gathers the rewards of all processes; with dynamic sampling each process holds whole groups (checked at
+        init), so this process's rows are its slice of the gathered ones.
+        """
         G = self.num_generations if self.model.training else self.num_generations_eval
         rewards = (self._last_rewards_per_func * self.reward_weights.to(self._last_rewards_per_func.device)).nansum(1)
         grouped = rewards.view(-1, G)
-        tied = (grouped.max(1).values - grouped.min(1).values).abs() <= 1e-8
-        return tied.repeat_interleave(G)
+        tied = ((grouped.max(1).values - grouped.min(1).values).abs() <= 1e-8).repeat_interleave(G)
+        local = tied.numel() // self.accelerator.num_processes
+        return tied[self.accelerator.process_index * local : (self.accelerator.process_index + 1) * local]
 
     def _refill_tied_groups(self, inputs: list[dict], output: dict) -> dict:
         G = self.num_generations
         tied = output.pop("_tied")
-        dropped, rounds = int(tied.sum()) // G, 0
+        dropped, rounds = int(self.accelerator.gather(tied.sum().reshape(1)).sum()) // G, 0  # all processes
         extra_prompts = self._extra_prompt_rows()
-        while bool(tied.any()) and rounds < self.dynamic_sampling_rounds:
-            need = int(tied.sum()) // G
+        while rounds < self.dynamic_sampling_rounds:
+            # every process runs the same rounds with the same number of rows (TRL's scoring gathers across them):
+            # as many fresh groups as the process with the most tied groups needs
+            need = int(self.accelerator.gather(tied.sum().reshape(1)).max()) // G
+            if need == 0:
+                break
             fresh = [next(extra_prompts) for _ in range(need)]
             candidate = self._score_one_round([row for row in fresh for _ in range(G)])
             useful = ~candidate.pop("_tied")
             rounds += 1
             slots = tied.nonzero()[:, 0].view(-1, G)[:, 0]  # first row of each tied group
             sources = useful.nonzero()[:, 0].view(-1, G)[:, 0]
-            for slot, source in zip(slots.tolist(), sources.tolist()):
+            for slot, source in zip(slots.tolist(), sources.tolist()):  # zip: stops at the shorter list
                 output = merge_rows(output, candidate, range(slot, slot + G), range(source, source + G))
                 tied[slot : slot + G] = False
         mode = "train"
         self._metrics[mode]["dynamic_sampling/tied_groups"].append(float(dropped))
         self._metrics[mode]["dynamic_sampling/extra_rounds"].append(float(rounds))
-        self._metrics[mode]["dynamic_sampling/tied_after"].append(float(int(tied.sum()) // G))
+        tied_after = int(self.accelerator.gather(tied.sum().reshape(1)).sum()) // G
+        self._metrics[mode]["dynamic_sampling/tied_after"].append(float(tied_after))
         output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
         return output
 
     def _extra_prompt_rows(self):
-        """An endless, seeded stream of dataset rows to refill tied groups (seeded by run seed and step)."""
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        """An endless, seeded stream of dataset rows to refill tied groups (seeded by run seed, step and process)."""
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
+        generator = torch.Generator().manual_seed(seed)  # each process draws its own fresh prompts
         while True:
             for index in torch.randperm(len(self.train_dataset), generator=generator).tolist():
                 yield self.train_dataset[index]

@@ -161,6 +161,24 @@ def test_other_launchers_give_the_same_run(grpo_reference, launcher):
     check_ranks(ranks, reference, start)
 
 
+def test_dynamic_sampling_with_two_processes(grpo_reference):
+    """Each process refills its own tied groups; both run the same rounds (TRL gathers across them) and stay equal."""
+    root, recipe, _, start = grpo_reference
+    ranks = launch("grpo", recipe, root / "dynamic_report", f"output_dir={root / 'dynamic'}",
+                   "rewards=[{name: 'toy_rewards:rare_first_token'}]", "dynamic_sampling_rounds=2",
+                   "trl.max_steps=4", "trl.per_device_train_batch_size=8")  # 2 whole groups of 4 per process
+    for info in ranks:
+        assert info["num_processes"] == 2 and info["torch_world_size"] == 2, info
+    a, b = ranks[0]["params"], ranks[1]["params"]
+    assert all(torch.equal(a[n], b[n]) for n in a), "the ranks diverged"
+    assert any(not torch.equal(a[n], start[n]) for n in start)
+    logs = [e for e in ranks[0]["log_history"] if "dynamic_sampling/tied_groups" in e]
+    assert len(logs) == 4
+    assert sum(e["dynamic_sampling/tied_groups"] for e in logs) > 0  # the reward ties often: refills happened
+    assert sum(e["dynamic_sampling/extra_rounds"] for e in logs) > 0
+    assert all(e["dynamic_sampling/extra_rounds"] <= 2 for e in logs)
+
+
 # -------------------------------------------------------------------------------------------------- distillation
 
 

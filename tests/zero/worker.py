@@ -26,7 +26,7 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().float() for n, p in params.items()}
 
 
-def report(out: Path, model: torch.nn.Module, accelerator) -> None:
+def report(out: Path, model: torch.nn.Module, accelerator, log_history: list[dict] | None = None) -> None:
     rank = accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)
     torch.save(full_parameters(model), out / f"rank{rank}.pt")
@@ -35,6 +35,7 @@ def report(out: Path, model: torch.nn.Module, accelerator) -> None:
         "process_index": rank,
         "torch_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "distributed_type": str(accelerator.distributed_type),
+        "log_history": log_history or [],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(info))
 
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> None:
         from h1rl.rl.run import run_grpo
 
         trainer = run_grpo(load_config(GRPORunConfig, config_path, overrides))
-        report(out, trainer.model, trainer.accelerator)
+        report(out, trainer.model, trainer.accelerator, trainer.state.log_history)
     elif mode == "distill":
         from h1rl.config_io import load_config
         from h1rl.distill.config import DistillConfig
