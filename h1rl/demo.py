@@ -217,8 +217,8 @@ def write_report(out: Path, summary: dict[str, Any], results: dict[str, Any], gr
 
     rewards = [e["reward"] for e in grpo_log if "reward" in e]
     window = max(1, min(10, len(rewards) // 5))
-    smooth = [sum(rewards[max(0, i + 1 - window) : i + 1]) / len(rewards[max(0, i + 1 - window) : i + 1])
-              for i in range(len(rewards))]
+    trailing = [rewards[max(0, i + 1 - window) : i + 1] for i in range(len(rewards))]
+    smooth = [sum(values) / len(values) for values in trailing]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(range(1, len(rewards) + 1), rewards, "-", color="#9bc", label="per step")
     ax.plot(range(1, len(rewards) + 1), smooth, "-", color="#27c", label=f"mean of the last {window}")

@@ -75,17 +75,15 @@ def estimate(shape: Shape, gpus: int, micro_batch: int, seq_len: int, rollout_ro
     ]
     if reference_model:
         rows.append(("reference model (beta > 0), ZeRO-3", f"2P / {N}", 2 * P / N / GiB))
+    layer = B * T * (4 * shape.hidden + 2 * shape.intermediate + 3 * shape.d_inner) * 2  # one layer's activations
+    per_layer = "B*T*(4*hidden + 2*intermediate + 3*d_inner)*2"
     if activation_checkpointing:
         acts = B * T * shape.hidden * 2 * shape.layers
         rows.append(("activations, checkpointed",
                      f"B*T*hidden*2 bytes*layers = {B}*{T}*{shape.hidden}*2*{shape.layers}", acts / GiB))
-        layer = B * T * (4 * shape.hidden + 2 * shape.intermediate + 3 * shape.d_inner) * 2
-        rows.append(("one layer's live activations in backward", "B*T*(4*hidden + 2*intermediate + 3*d_inner)*2",
-                     layer / GiB))
+        rows.append(("one layer's live activations in backward", per_layer, layer / GiB))
     else:
-        layer = B * T * (4 * shape.hidden + 2 * shape.intermediate + 3 * shape.d_inner) * 2
-        rows.append(("activations, all layers", "B*T*(4*hidden + 2*intermediate + 3*d_inner)*2*layers",
-                     layer * shape.layers / GiB))
+        rows.append(("activations, all layers", f"{per_layer}*layers", layer * shape.layers / GiB))
     logits = B * T * shape.vocab * 4
     rows.append(("logits for log-probs (fp32)", f"B*T*vocab*4 = {B}*{T}*{shape.vocab}*4", logits / GiB))
     kv = rollout_rows * T * attn * 2 * shape.kv_heads * shape.head_dim * 2

@@ -17,13 +17,16 @@ from transformers import TrainerCallback
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's full value on this rank (ZeRO-3 partitions are gathered first)."""
+    import contextlib
+
     params = dict(model.named_parameters())
+    gathered = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params.values()):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-            return {n: p.detach().clone().float() for n, p in params.items()}
-    return {n: p.detach().clone().float() for n, p in params.items()}
+        gathered = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None)
+    with gathered:
+        return {n: p.detach().clone().float() for n, p in params.items()}
 
 
 def report(out: Path, model: torch.nn.Module, accelerator, log_history: list[dict] | None = None) -> None:
