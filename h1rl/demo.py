@@ -5,7 +5,8 @@ The demo is a recipe like any other: `recipes/demo.yaml` (and `recipes/demo_quic
 Fields set to "auto" are filled in by the demo (paths inside `out_dir`, the bundled teacher). Phases:
 
 1. data: the synthetic arithmetic task's train split (GRPO prompts; distillation conversations) and test split;
-2. evaluate the bundled teacher on the test split (`h1rl.eval`);
+2. evaluate the bundled teacher on the test split (`h1rl.eval`): greedy accuracy, and, when `sampled_eval` is set,
+   pass@1 estimated from n samples at the sampling temperature (the quantity GRPO maximises);
 3. staged distillation into a hybrid (`h1rl.distill`), then evaluate it;
 4. GRPO with the math-verify reward (`h1rl.rl`), then evaluate it;
 5. rollout throughput of the hybrid (engine) vs the teacher (`generate`), same prompts;
@@ -47,7 +48,10 @@ class DemoConfig:
     distill: DistillConfig
     grpo: GRPORunConfig
     task: TaskSpec = field(default_factory=TaskSpec)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # greedy: one answer per problem
+    # pass@1 from n samples per problem at a temperature (RL papers' usual figure; a smoother estimate than one
+    # greedy answer for small models, whose greedy answers flip on many problems under small weight changes)
+    sampled_eval: EvalConfig | None = None
     teacher: str = AUTO  # "auto": the bundled teacher (h1rl/assets/teacher)
     throughput_new_tokens: int = 64  # generated tokens per row in the rollout throughput comparison
 
@@ -87,15 +91,23 @@ def write_data(cfg: DemoConfig) -> list[dict[str, Any]]:
 
 
 def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, Any]:
-    """Evaluate a checkpoint on the test rows, caching the result in out_dir/eval/<name>.json."""
+    """Evaluate a checkpoint on the test rows: {"greedy": results, "sampled": results (when configured)}.
+
+    Each evaluation is cached in out_dir/eval/<name>.json and <name>_sampled.json; a rerun reads them back.
+    """
     from h1rl.eval import evaluate, write_results
 
-    path = Path(cfg.out_dir) / "eval" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    print(f"[demo] evaluating {name} on {len(test_rows)} held-out problems")
-    results = evaluate(model_dir, test_rows, config=cfg.eval)
-    write_results(results, path)
+    configs = {"greedy": (cfg.eval, name), "sampled": (cfg.sampled_eval, f"{name}_sampled")}
+    results = {}
+    for kind, (config, stem) in configs.items():
+        if config is None:
+            continue
+        path = Path(cfg.out_dir) / "eval" / f"{stem}.json"
+        if not path.exists():
+            print(f"[demo] evaluating {name} on {len(test_rows)} held-out problems ({kind}, n={config.num_samples}, "
+                  f"temperature {config.temperature})")
+            write_results(evaluate(model_dir, test_rows, config=config), path)
+        results[kind] = json.loads(path.read_text())
     return results
 
 
@@ -127,77 +139,107 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "resolved_config.yaml")
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"data_s": 0.0, "eval_s": 0.0, "distill_s": 0.0, "grpo_s": 0.0, "throughput_s": 0.0}
     start = time.perf_counter()
 
-    test_rows = write_data(cfg)
-    results: dict[str, Any] = {"teacher": evaluate_once("teacher", cfg.teacher, test_rows, cfg)}
-    timings["teacher_eval_s"] = time.perf_counter() - start
+    def timed(phase: str, fn, *args):
+        t0 = time.perf_counter()
+        value = fn(*args)
+        timings[f"{phase}_s"] += time.perf_counter() - t0
+        return value
 
-    t0 = time.perf_counter()
+    test_rows = timed("data", write_data, cfg)
+    results: dict[str, Any] = {"teacher": timed("eval", evaluate_once, "teacher", cfg.teacher, test_rows, cfg)}
+
     print(f"[demo] distilling {len(cfg.distill.stages)} stages into {cfg.distill.out_dir}")
-    manifest = run_distillation(cfg.distill)
+    manifest = timed("distill", run_distillation, cfg.distill)
     distilled = str(Path(cfg.distill.out_dir) / manifest["final_checkpoint"])
-    results["hybrid_distilled"] = evaluate_once("hybrid_distilled", distilled, test_rows, cfg)
-    timings["distill_s"] = time.perf_counter() - t0
+    results["hybrid_distilled"] = timed("eval", evaluate_once, "hybrid_distilled", distilled, test_rows, cfg)
 
-    t0 = time.perf_counter()
     cfg.grpo.model = distilled if cfg.grpo.model == AUTO else cfg.grpo.model
     final = Path(cfg.grpo.output_dir) / "final"
     log_path = Path(cfg.grpo.output_dir) / "log_history.json"
     if not (final / "config.json").exists():
         print(f"[demo] GRPO from {cfg.grpo.model} into {cfg.grpo.output_dir}")
-        trainer = run_grpo(cfg.grpo)
+        trainer = timed("grpo", run_grpo, cfg.grpo)
         log_path.write_text(json.dumps(trainer.state.log_history, indent=1))
-    results["hybrid_grpo"] = evaluate_once("hybrid_grpo", str(final), test_rows, cfg)
-    timings["grpo_s"] = time.perf_counter() - t0
+    results["hybrid_grpo"] = timed("eval", evaluate_once, "hybrid_grpo", str(final), test_rows, cfg)
 
-    t0 = time.perf_counter()
-    speed = throughput(cfg.teacher, str(final), test_rows, cfg)
-    timings["throughput_s"] = time.perf_counter() - t0
+    speed = timed("throughput", throughput, cfg.teacher, str(final), test_rows, cfg)
     timings["total_s"] = time.perf_counter() - start
 
     summary = {
         "layout": manifest["layout"],
-        "accuracy": {k: v["accuracy"] for k, v in results.items()},
+        "accuracy": {k: v["greedy"]["accuracy"] for k, v in results.items()},
         "throughput": speed,
         "timings": timings,
         "stages": [{"stage": s["stage"], "layout": s["layout"], "metrics": s.get("metrics", {})}
                    for s in manifest["stages"]],
     }
+    if cfg.sampled_eval is not None:  # pass@k per model, from n samples at the sampling temperature
+        summary["sampled"] = {k: {m: x for m, x in v["sampled"].items() if m.startswith("pass@")}
+                              for k, v in results.items()}
+        summary["sampled_eval"] = {"num_samples": cfg.sampled_eval.num_samples,
+                                   "temperature": cfg.sampled_eval.temperature}
     (out / "results.json").write_text(json.dumps({"summary": summary, "eval": results}, indent=2))
-    write_report(out, summary, results, json.loads(log_path.read_text()) if log_path.exists() else [])
+    write_report(out, summary, json.loads(log_path.read_text()) if log_path.exists() else [])
     print_summary(summary)
     return summary
 
 
+MODELS = {"teacher": "teacher (transformer)", "hybrid_distilled": "hybrid after distillation",
+          "hybrid_grpo": "hybrid after GRPO"}
+
+
+def accuracy_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the accuracy table: greedy accuracy, then the sampled pass@k columns when measured."""
+    sampled = summary.get("sampled")
+    ks = sorted({m for v in sampled.values() for m in v}, key=lambda m: int(m[5:])) if sampled else []
+    header = ["model", "greedy accuracy"]
+    if sampled:
+        spec = summary["sampled_eval"]
+        header += [f"{m} (n={spec['num_samples']}, T={spec['temperature']:g})" for m in ks]
+    rows = []
+    for key, label in MODELS.items():
+        if key == "hybrid_distilled":
+            label += f" ({','.join(summary['layout'])})"
+        rows.append([label, f"{summary['accuracy'][key]:.3f}", *(f"{sampled[key][m]:.3f}" for m in ks)])
+    return header, rows
+
+
 def print_summary(summary: dict[str, Any]) -> None:
-    acc, speed = summary["accuracy"], summary["throughput"]
-    rows = [("teacher (transformer)", acc["teacher"]), ("hybrid after distillation", acc["hybrid_distilled"]),
-            ("hybrid after GRPO", acc["hybrid_grpo"])]
-    print("\n" + "model".ljust(28) + "held-out accuracy")
-    for name, value in rows:
-        print(name.ljust(28) + f"{value:.3f}")
-    print(f"layout {','.join(summary['layout'])}; rollout tokens/s hybrid {speed['hybrid_tok_s']:.0f} vs teacher "
-          f"{speed['teacher_tok_s']:.0f} ({speed['speedup']:.2f}x); total {summary['timings']['total_s']:.0f} s")
+    header, rows = accuracy_table(summary)
+    widths = [max(len(r[i]) for r in [header, *rows]) + 2 for i in range(len(header))]
+    print("\nheld-out accuracy")
+    for row in [header, *rows]:
+        print("".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    speed = summary["throughput"]
+    print(f"rollout tokens/s hybrid {speed['hybrid_tok_s']:.0f} vs teacher {speed['teacher_tok_s']:.0f} "
+          f"({speed['speedup']:.2f}x); total {summary['timings']['total_s']:.0f} s")
 
 
-def write_report(out: Path, summary: dict[str, Any], results: dict[str, Any], grpo_log: list[dict]) -> None:
+def write_report(out: Path, summary: dict[str, Any], grpo_log: list[dict]) -> None:
     """report.md plus accuracy.png, distill_kl.png and grpo_reward.png in `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc = summary["accuracy"]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    names = ["teacher", "hybrid_distilled", "hybrid_grpo"]
-    ax.bar(["teacher", "hybrid\n(distilled)", "hybrid\n(+GRPO)"], [acc[n] for n in names],
-           color=["#777", "#4a8", "#27c"])
-    for i, n in enumerate(names):
-        ax.text(i, acc[n] + 0.01, f"{acc[n]:.2f}", ha="center")
+    header, rows = accuracy_table(summary)
+    series = header[1:]  # greedy, then pass@k columns
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / len(series)
+    colors = ["#27c", "#4a8", "#bbb", "#e94"]
+    for j, name in enumerate(series):
+        values = [float(r[1 + j]) for r in rows]
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, values, width, label=name, color=colors[j % len(colors)])
+        for x, v in zip(xs, values):
+            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(rows)), ["teacher", "hybrid\n(distilled)", "hybrid\n(+GRPO)"])
     ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
@@ -232,10 +274,9 @@ def write_report(out: Path, summary: dict[str, Any], results: dict[str, Any], gr
     speed = summary["throughput"]
     lines = [
         "# h1rl demo report", "",
-        "| model | held-out accuracy |", "|---|---|",
-        f"| teacher (transformer) | {acc['teacher']:.3f} |",
-        f"| hybrid after distillation ({','.join(summary['layout'])}) | {acc['hybrid_distilled']:.3f} |",
-        f"| hybrid after GRPO | {acc['hybrid_grpo']:.3f} |", "",
+        "Held-out accuracy (math-verify):", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows], "",
         f"Rollout throughput (4 prompts x G=8): hybrid {speed['hybrid_tok_s']:.0f} tok/s "
         f"(engine) vs teacher {speed['teacher_tok_s']:.0f} tok/s (generate): {speed['speedup']:.2f}x.", "",
         "| phase | seconds |", "|---|---|",
