@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,9 @@ def evaluate(model, dataset, tokenizer=None, config: EvalConfig | None = None, r
     start = time.perf_counter()
     completions: list[list[int]] = []
     reasons: list[str] = []
-    for b in range(0, len(prompts), config.batch_size):
+    batches = range(0, len(prompts), config.batch_size)
+    for b in tqdm(batches, desc=f"eval: {len(rows)} problems x {config.num_samples}", unit="batch",
+                  disable=len(batches) < 2):
         ids, why = generate(model, prompts[b : b + config.batch_size], config, stop_ids, pad_id,
                             seed=config.seed + b // config.batch_size)
         completions += ids
