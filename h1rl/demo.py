@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,8 @@ def write_data(cfg: DemoConfig) -> list[dict[str, Any]]:
 def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, Any]:
     """Evaluate a checkpoint on the test rows: {"greedy": results, "sampled": results (when configured)}.
 
-    Each evaluation is cached in out_dir/eval/<name>.json and <name>_sampled.json; a rerun reads them back.
+    Each evaluation is cached in out_dir/eval/<name>.json and <name>_sampled.json; a rerun reads them back unless
+    the checkpoint path or the evaluation settings differ from the cached ones, in which case it evaluates again.
     """
     from h1rl.eval import evaluate, write_results
 
@@ -103,11 +104,15 @@ def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoCon
         if config is None:
             continue
         path = Path(cfg.out_dir) / "eval" / f"{stem}.json"
-        if not path.exists():
+        wanted = {"model": str(model_dir), "config": json.loads(json.dumps(asdict(config)))}
+        cached = json.loads(path.read_text()) if path.exists() else None
+        if cached is None or any(cached.get(key) != value for key, value in wanted.items()):
+            why = "" if cached is None else " (the cached evaluation used another checkpoint or other settings)"
             print(f"[demo] evaluating {name} on {len(test_rows)} held-out problems ({kind}, n={config.num_samples}, "
-                  f"temperature {config.temperature})")
+                  f"temperature {config.temperature}){why}")
             write_results(evaluate(model_dir, test_rows, config=config), path)
-        results[kind] = json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+        results[kind] = cached
     return results
 
 
@@ -181,38 +186,45 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                               for k, v in results.items()}
         summary["sampled_eval"] = {"num_samples": cfg.sampled_eval.num_samples,
                                    "temperature": cfg.sampled_eval.temperature}
-    (out / "results.json").write_text(json.dumps({"summary": summary, "eval": results}, indent=2))
+    metrics = {model: {kind: {k: v for k, v in r.items() if k not in ("problems", "data")}
+                       for kind, r in by_kind.items()} for model, by_kind in results.items()}
+    (out / "results.json").write_text(json.dumps({"summary": summary, "eval": metrics,
+                                                  "per_problem": str(out / "eval")}, indent=2))
     write_report(out, summary, json.loads(log_path.read_text()) if log_path.exists() else [])
     print_summary(summary)
     return summary
 
 
-MODELS = {"teacher": "teacher (transformer)", "hybrid_distilled": "hybrid after distillation",
-          "hybrid_grpo": "hybrid after GRPO"}
+MODELS = {  # key: (label in tables, label under the bars)
+    "teacher": ("teacher (transformer)", "teacher"),
+    "hybrid_distilled": ("hybrid after distillation", "hybrid\n(distilled)"),
+    "hybrid_grpo": ("hybrid after GRPO", "hybrid\n(+GRPO)"),
+}
 
 
-def accuracy_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the accuracy table: greedy accuracy, then the sampled pass@k columns when measured."""
+def accuracy_table(summary: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float]]]]:
+    """Column names and per-model (label, values): greedy accuracy, then the sampled pass@k when measured."""
     sampled = summary.get("sampled")
     ks = sorted({m for v in sampled.values() for m in v}, key=lambda m: int(m[5:])) if sampled else []
-    header = ["model", "greedy accuracy"]
+    columns = ["greedy accuracy"]
     if sampled:
         spec = summary["sampled_eval"]
-        header += [f"{m} (n={spec['num_samples']}, T={spec['temperature']:g})" for m in ks]
+        columns += [f"{m} (n={spec['num_samples']}, T={spec['temperature']:g})" for m in ks]
     rows = []
-    for key, label in MODELS.items():
+    for key, (label, _) in MODELS.items():
         if key == "hybrid_distilled":
             label += f" ({','.join(summary['layout'])})"
-        rows.append([label, f"{summary['accuracy'][key]:.3f}", *(f"{sampled[key][m]:.3f}" for m in ks)])
-    return header, rows
+        rows.append((label, [summary["accuracy"][key], *(sampled[key].get(m, float("nan")) for m in ks)]))
+    return columns, rows
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    header, rows = accuracy_table(summary)
-    widths = [max(len(r[i]) for r in [header, *rows]) + 2 for i in range(len(header))]
+    columns, rows = accuracy_table(summary)
+    lines = [["model", *columns], *([label, *(f"{v:.3f}" for v in values)] for label, values in rows)]
+    widths = [max(len(line[i]) for line in lines) + 2 for i in range(len(lines[0]))]
     print("\nheld-out accuracy")
-    for row in [header, *rows]:
-        print("".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    for line in lines:
+        print("".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
     speed = summary["throughput"]
     print(f"rollout tokens/s hybrid {speed['hybrid_tok_s']:.0f} vs teacher {speed['teacher_tok_s']:.0f} "
           f"({speed['speedup']:.2f}x); total {summary['timings']['total_s']:.0f} s")
@@ -225,18 +237,17 @@ def write_report(out: Path, summary: dict[str, Any], grpo_log: list[dict]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header, rows = accuracy_table(summary)
-    series = header[1:]  # greedy, then pass@k columns
+    columns, rows = accuracy_table(summary)
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    width = 0.8 / len(series)
+    width = 0.8 / len(columns)
     colors = ["#27c", "#4a8", "#bbb", "#e94"]
-    for j, name in enumerate(series):
-        values = [float(r[1 + j]) for r in rows]
-        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))]
+    for j, name in enumerate(columns):
+        values = [row_values[j] for _, row_values in rows]
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
         ax.bar(xs, values, width, label=name, color=colors[j % len(colors)])
         for x, v in zip(xs, values):
             ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
-    ax.set_xticks(range(len(rows)), ["teacher", "hybrid\n(distilled)", "hybrid\n(+GRPO)"])
+    ax.set_xticks(range(len(rows)), [short for _, short in MODELS.values()])
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=7, loc="upper left")
@@ -275,8 +286,8 @@ def write_report(out: Path, summary: dict[str, Any], grpo_log: list[dict]) -> No
     lines = [
         "# h1rl demo report", "",
         "Held-out accuracy (math-verify):", "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in rows], "",
+        "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+        *["| " + " | ".join([label, *(f"{v:.3f}" for v in values)]) + " |" for label, values in rows], "",
         f"Rollout throughput (4 prompts x G=8): hybrid {speed['hybrid_tok_s']:.0f} tok/s "
         f"(engine) vs teacher {speed['teacher_tok_s']:.0f} tok/s (generate): {speed['speedup']:.2f}x.", "",
         "| phase | seconds |", "|---|---|",

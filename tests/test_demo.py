@@ -32,3 +32,42 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     stamps = [path.stat().st_mtime_ns for path in cached]
     assert main(["--quick", f"out_dir={out}"]) == 0
     assert [path.stat().st_mtime_ns for path in cached] == stamps
+
+
+def test_report_with_greedy_evaluation_only(tmp_path, capsys):
+    from h1rl.demo import print_summary, write_report
+
+    summary = {
+        "layout": ["t", "m2"],
+        "accuracy": {"teacher": 0.5, "hybrid_distilled": 0.4, "hybrid_grpo": 0.45},
+        "throughput": {"hybrid_tok_s": 2.0, "teacher_tok_s": 1.0, "speedup": 2.0},
+        "timings": {"distill_s": 1.0, "total_s": 2.0},
+        "stages": [{"stage": 1, "layout": ["t", "m2"], "metrics": {"kl_after_swap": 0.3, "kl_after_distill": 0.1}}],
+    }
+    write_report(tmp_path, summary, [{"reward": 0.1}, {"reward": 0.3}])
+    report = (tmp_path / "report.md").read_text()
+    assert "| model | greedy accuracy |" in report and "pass@" not in report
+    assert "| hybrid after distillation (t,m2) | 0.400 |" in report
+    assert (tmp_path / "accuracy.png").exists()
+    print_summary(summary)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[3].split() == ["teacher", "(transformer)", "0.500"] and not any(p != p.rstrip() for p in printed)
+
+
+@pytest.mark.slow
+def test_cached_evaluation_is_redone_when_its_settings_change(tmp_path):
+    from h1rl.assets import teacher_dir
+    from h1rl.config_io import load_config
+    from h1rl.data import make_splits
+    from h1rl.demo import RECIPES, DemoConfig, evaluate_once
+
+    cfg = load_config(DemoConfig, RECIPES / "demo_quick.yaml", [f"out_dir={tmp_path}", "sampled_eval=null"])
+    rows = make_splits(0, 3, 3, 0)["test"]
+    path = tmp_path / "eval" / "teacher.json"
+    first = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
+    stamp = path.stat().st_mtime_ns
+    assert evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"] == first  # read back
+    assert path.stat().st_mtime_ns == stamp
+    cfg.eval.max_new_tokens = 8
+    again = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
+    assert again["config"]["max_new_tokens"] == 8 and path.stat().st_mtime_ns != stamp
