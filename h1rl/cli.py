@@ -3,7 +3,7 @@
     h1rl convert --teacher DIR --layout t,m2,m2,t --out DIR [--ssm-cfg JSON] [--dtype float32]
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
-    h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2]
+    h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
     h1rl bench memory [--gpus 16] [--seq-len 8192]     (or python -m h1rl.bench.memory --help for every knob)
     h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
     h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
@@ -44,7 +44,8 @@ def _bench(args: argparse.Namespace) -> int:
         from h1rl.bench.grpo_bench import run_grpo_benchmark
 
         run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
-                           steps=args.repeats, hidden=args.hidden, layers=args.layers)
+                           steps=args.repeats, hidden=args.hidden, layers=args.layers,
+                           gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device)
         return 0
     if args.what == "memory":
         from h1rl.bench.memory import main as memory_main
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048], help="scan: sequence lengths")
     p.add_argument("--repeats", type=int, default=3, help="scan, grpo: timed repeats / steps (median)")
     p.add_argument("--new-tokens", type=int, default=256, help="grpo: max completion length")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="grpo: where both trainers run")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="grpo: turn off TRL's default activation recomputation (for both trainers)")
     p.add_argument("--json", default=None, help="scan: also write the figures to this JSON file")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rollout: generated lengths")
     p.add_argument("--layers", type=int, default=8, help="rollout: layers of the teacher (half become m2)")

@@ -12,7 +12,10 @@ d. rollout log-probs vs a full-forward recomputation as the trainer does it (one
    its LM head is scaled until the mean entropy of the sampled positions is a few nats (reported);
 e. tokens/s: engine (eager, cuda_graph) vs `model.generate` on a hybrid of hidden 1024, 16 layers (half m2),
    4 prompts x G=8, 512 new tokens; then the hybrid (engine) vs its teacher (`MistralForCausalLM.generate`, static
-   cache, eager unless `--teacher-compile`) at `--lengths`. Later rows are skipped once `--budget-s` is spent.
+   cache, eager unless `--teacher-compile`) at `--lengths`. Later rows are skipped once `--budget-s` is spent;
+f. one GRPO step's wall time, `HybridGRPOTrainer` (engine) vs stock `trl.GRPOTrainer` (`model.generate`) on the
+   same hybrid (hidden `--hidden`, `--layers`, half m2, float32) and `GRPOConfig`: `--batch` prompts x G,
+   256 new tokens (`h1rl bench grpo` on the GPU; issue #5's 2.5x target).
 
 Each section runs on its own: an error is printed with its traceback, recorded in the JSON, and the next section
 runs. Without mamba-ssm / causal-conv1d the torch paths still run on the GPU, and the output says so.
@@ -412,6 +415,15 @@ def check_timing(device: torch.device, args: argparse.Namespace, started: float)
 # main
 
 
+def check_grpo_step(device: torch.device, args: argparse.Namespace) -> dict:
+    from h1rl.bench.grpo_bench import run_grpo_benchmark
+
+    print(f"\nf. GRPO step: HybridGRPOTrainer vs trl.GRPOTrainer on {device.type}")
+    steps = 1 if args.cpu_smoke else 2
+    return run_grpo_benchmark(new_tokens=args.grpo_new_tokens, generations=args.generations, prompts=args.batch,
+                              steps=steps, hidden=args.hidden, layers=args.layers, device=device.type)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m h1rl.bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="gpu_check.json", help="where to write all figures")
@@ -426,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=512, help="e1: generated tokens")
     p.add_argument("--teacher-compile", action="store_true", help="let generate torch.compile the teacher")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip e2 rows that start after this many seconds")
-    p.add_argument("--skip", nargs="*", default=[], choices=list("abcde"), help="sections to skip")
+    p.add_argument("--skip", nargs="*", default=[], choices=list("abcdef"), help="sections to skip")
+    p.add_argument("--grpo-new-tokens", type=int, default=256, help="f: max completion length of the GRPO step")
     return p
 
 
@@ -435,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         device = torch.device("cpu")
         args.hidden, args.layers, args.vocab, args.batch, args.generations = 64, 4, 97, 2, 2
-        args.prompt_len, args.new_tokens, args.lengths = 5, 8, [8, 16]
+        args.prompt_len, args.new_tokens, args.lengths, args.grpo_new_tokens = 5, 8, [8, 16], 8
     elif not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-smoke to exercise the code paths on CPU")
         return 2
@@ -450,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "c_engine_modes": ("c", lambda: check_engine_modes(device, args.cpu_smoke)),
         "d_logprobs": ("d", lambda: check_logprobs(device, args.cpu_smoke)),
         "e_timing": ("e", lambda: check_timing(device, args, started)),
+        "f_grpo_step": ("f", lambda: check_grpo_step(device, args)),
     }
     failed = []
     for key, (letter, fn) in sections.items():

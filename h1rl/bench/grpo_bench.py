@@ -2,12 +2,12 @@
 
 Both trainers run the same random-weight hybrid (the `h1rl bench rollout` pair: a Mistral teacher converted with
 every other layer m2), the same prompts, reward, seed and `GRPOConfig` (G completions per prompt, up to N new
-tokens); stock TRL generates with `model.generate`, h1rl with its engine. Each runs `--steps` optimizer steps after
+tokens); stock TRL generates with `model.generate`, h1rl with its engine. Each runs `--repeats` optimizer steps after
 one warm-up step; the figure is the median of TRL's own `step_time` log, so generation, scoring, the
 forward/backward and the optimizer step are all counted. A few stop tokens give completions a spread of lengths
 (a random model stops after about `vocab / stops` tokens), as in RL.
 
-Run: `h1rl bench grpo [--new-tokens 256] [--generations 8] [--steps 2]`
+Run: `h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]`
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def time_trainer(trainer_cls, model, tokenizer, dataset, args) -> list[float]:
 
 
 def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int = 4, steps: int = 2,
-                       hidden: int = 256, layers: int = 8, vocab: int = 512) -> dict:
+                       hidden: int = 256, layers: int = 8, vocab: int = 512,
+                       gradient_checkpointing: bool = True, device: str = "cpu") -> dict:
+    """Median step wall time of both trainers on `device` ("cpu" or "cuda", float32), and the speed-up."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -58,17 +60,21 @@ def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int
         hybrid.generation_config.eos_token_id = list(range(1, 1 + vocab // 128))  # spread completion lengths
         with tempfile.TemporaryDirectory() as out:
             args = GRPOConfig(
-                output_dir=out, use_cpu=True, bf16=False, per_device_train_batch_size=prompts * generations,
+                output_dir=out, use_cpu=device == "cpu", bf16=False, per_device_train_batch_size=prompts * generations,
                 num_generations=generations, max_completion_length=new_tokens, max_steps=steps + 1,
                 learning_rate=1e-5, logging_steps=1, report_to=[], save_strategy="no", seed=0, beta=0.0,
-                disable_tqdm=True,
+                disable_tqdm=True, gradient_checkpointing=gradient_checkpointing,  # TRL's default: True
             )
             times = time_trainer(cls, hybrid, tokenizer, dataset, args)[1:]  # drop the warm-up step
         results[name] = statistics.median(times)
     base, ours = results["trl.GRPOTrainer (generate)"], results["h1rl HybridGRPOTrainer"]
+    checkpointing = "on" if gradient_checkpointing else "off"
     print(f"GRPO step wall time, hidden {hidden}, {layers} layers (half m2), {prompts} prompts x G={generations}, "
-          f"up to {new_tokens} new tokens, torch threads {torch.get_num_threads()} (median of {steps} steps)")
+          f"up to {new_tokens} new tokens, {device}, gradient checkpointing {checkpointing}, "
+          f"torch threads {torch.get_num_threads()} (median of {steps} steps)")
     for name, seconds in results.items():
         print(f"  {name:<30} {seconds:8.2f} s")
     print(f"  speedup {base / ours:.2f}x")
-    return {"step_s": results, "speedup": base / ours}
+    settings = dict(new_tokens=new_tokens, generations=generations, prompts=prompts, steps=steps, hidden=hidden,
+                    layers=layers, vocab=vocab, gradient_checkpointing=gradient_checkpointing, device=device)
+    return {"step_s": results, "speedup": base / ours, "settings": settings}

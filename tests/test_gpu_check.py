@@ -1,0 +1,20 @@
+"""The prepared GPU check runs every non-CUDA code path on CPU (`--cpu-smoke`), so it works the first time a GPU
+session is lent: every section completes and records its figures."""
+
+from __future__ import annotations
+
+import json
+
+from h1rl.bench.gpu_check import main
+
+
+def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    assert main(["--cpu-smoke", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["mode"] == "cpu-smoke" and results["failed_sections"] == []
+    sections = ["a_kernels", "b_scan", "b_mixer", "c_engine_modes", "d_logprobs", "e_timing", "f_grpo_step"]
+    assert all(key in results and "error" not in results[key] for key in sections)
+    grpo = results["f_grpo_step"]
+    assert grpo["settings"]["device"] == "cpu" and grpo["speedup"] > 0
+    assert set(grpo["step_s"]) == {"trl.GRPOTrainer (generate)", "h1rl HybridGRPOTrainer"}
