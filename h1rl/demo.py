@@ -110,8 +110,8 @@ def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoCon
             why = "" if cached is None else " (the cached evaluation used another checkpoint or other settings)"
             print(f"[demo] evaluating {name} on {len(test_rows)} held-out problems ({kind}, n={config.num_samples}, "
                   f"temperature {config.temperature}){why}")
-            write_results(evaluate(model_dir, test_rows, config=config), path)
-            cached = json.loads(path.read_text())
+            cached = evaluate(model_dir, test_rows, config=config)
+            write_results(cached, path)
         results[kind] = cached
     return results
 
@@ -186,7 +186,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                               for k, v in results.items()}
         summary["sampled_eval"] = {"num_samples": cfg.sampled_eval.num_samples,
                                    "temperature": cfg.sampled_eval.temperature}
-    metrics = {model: {kind: {k: v for k, v in r.items() if k not in ("problems", "data")}
+    metrics = {model: {kind: {k: v for k, v in r.items() if k != "problems"}  # per-problem rows stay in eval/
                        for kind, r in by_kind.items()} for model, by_kind in results.items()}
     (out / "results.json").write_text(json.dumps({"summary": summary, "eval": metrics,
                                                   "per_problem": str(out / "eval")}, indent=2))
