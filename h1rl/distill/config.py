@@ -88,6 +88,24 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """Distillation on the student's own samples (GKD; `h1rl.distill.on_policy`). Needs chat rows with
+    `data.assistant_only_loss` (the prompt is everything before the assistant turn)."""
+
+    fraction: float = 0.0  # share of optimizer steps whose completions the student samples (GKD's lambda); 0: off
+    max_new_tokens: int = 256  # completion cap of the samples (rows are still cut at data.max_length)
+    temperature: float = 1.0  # sampling temperature of the student
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:
+            raise ValueError(f"fraction: must be in [0, 1], got {self.fraction}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass
 class ImportanceConfig:
     metric: str = "kl"  # "kl": the distillation loss to the teacher; "lm_loss": cross-entropy on the data
     eval_fn: str | None = None  # "package.module:function", replaces the metric: fn(model, teacher, batches) -> float
@@ -173,12 +191,16 @@ class DistillConfig:
     data: DataConfig
     stages: list[StageConfig]
     loss: LossConfig = field(default_factory=LossConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages: give at least one stage")
+        if self.on_policy.fraction > 0 and not self.data.assistant_only_loss:
+            raise ValueError("on_policy.fraction > 0 needs data.assistant_only_loss: true (chat rows; the prompt is "
+                             "what precedes the assistant turn)")
 
 
 def check_schedule(stages: list[StageConfig], layout: list[str]) -> None:

@@ -204,6 +204,7 @@ def _distill(run: _Run, k: int, stage: StageConfig, student: HybridForCausalLM, 
         teacher=run.teacher,
         loss_config=config.loss,
         pad_length=config.data.max_length,
+        on_policy=config.on_policy,
         callbacks=callbacks,
     )
     last = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
@@ -284,7 +285,7 @@ def _make_probe(run: _Run, k: int, stage: StageConfig) -> Callable[[HybridForCau
                                   disable_tqdm=True)
         trainer = DistillTrainer(model=model, args=args, train_dataset=run.train_ds, data_collator=run.collator,
                                  processing_class=run.tokenizer, teacher=run.teacher, loss_config=config.loss,
-                                 pad_length=config.data.max_length)
+                                 pad_length=config.data.max_length, on_policy=config.on_policy)
         trainer.remove_callback(PrinterCallback)  # probes train quietly; their result goes into the table
         trainer.train()
         set_trainable(model, mamba_only=False)

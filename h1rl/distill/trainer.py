@@ -1,7 +1,9 @@
 """`DistillTrainer`: transformers' `Trainer` with a distillation loss against a frozen teacher; shared forward passes.
 
-Only `compute_loss` (and `log`, to report the loss parts) is overridden, so accelerate, DeepSpeed, PEFT, gradient
-checkpointing, logging callbacks, checkpointing and resuming are the Trainer's own. The teacher is held as an
+Only `compute_loss`, `log` (to report the loss parts) and, for on-policy distillation, `get_batch_samples` (the
+student samples the completions of the step's batches before the Trainer counts their target tokens; see
+`h1rl.distill.on_policy`) are overridden, so accelerate, DeepSpeed, PEFT, gradient checkpointing, logging callbacks,
+checkpointing and resuming are the Trainer's own. The teacher is held as an
 attribute, frozen (`requires_grad=False`) and in eval mode, on the Trainer's device; under DeepSpeed it is wrapped
 for inference with TRL's `prepare_deepspeed` (sharded under ZeRO-3), since the Trainer only prepares the student.
 
@@ -23,9 +25,13 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from h1rl.distill.config import LossConfig, TrainingConfig
+from h1rl.distill.config import LossConfig, OnPolicyConfig, TrainingConfig
 from h1rl.distill.losses import distill_loss, hidden_alignment
+from h1rl.distill.on_policy import is_on_policy_step, sampling_seed, student_batch
 from h1rl.distributed import deepspeed_config_path, prepare_training_kwargs
+from h1rl.eval import stop_token_ids
+from h1rl.rollout.engine import find_hybrid
+from h1rl.rollout.sampling import SamplingParams
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], all_layers: bool = False):
@@ -151,11 +157,13 @@ def training_arguments(
 class DistillTrainer(Trainer):
     """A `Trainer` whose loss is `batch_loss` against `teacher` (see the module docstring).
 
-    `pad_length`: passed to the chunked loss so every process runs the same number of chunks (ZeRO-3).
+    `pad_length`: passed to the chunked loss so every process runs the same number of chunks (ZeRO-3); also the
+    length cap of on-policy rows. `on_policy`: on the steps it picks, the batches' completions are sampled by the
+    student (`h1rl.distill.on_policy`) before the Trainer counts their target tokens.
     """
 
     def __init__(self, *args: Any, teacher: nn.Module, loss_config: LossConfig, pad_length: int | None = None,
-                 **kwargs: Any):
+                 on_policy: OnPolicyConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # The Trainer then counts the target tokens of the whole optimizer step (all accumulation micro-batches, all
         # processes) and passes them to compute_loss as `num_items_in_batch`.
@@ -171,7 +179,48 @@ class DistillTrainer(Trainer):
         else:
             teacher = teacher.to(self.args.device)
         self.teacher = teacher
+        self.on_policy = on_policy or OnPolicyConfig()
         self._parts: dict[str, list[float]] = defaultdict(list)
+        if self.on_policy.fraction > 0:
+            student = find_hybrid(self.model)
+            if student is None:
+                raise TypeError(f"on-policy distillation samples with h1rl's engine: the student must be an h1rl "
+                                f"HybridForCausalLM, got {type(self.model).__name__}")
+            if self.processing_class is None or self.processing_class.pad_token_id is None:
+                raise ValueError("on-policy distillation needs the tokenizer (processing_class) with a pad token")
+            self._stop_ids = stop_token_ids(student, self.processing_class)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches, their completions sampled by the student on on-policy steps (then counted)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        step = self.state.global_step
+        if not batches or not is_on_policy_step(self.on_policy, self.args.seed, step):
+            self._parts["on_policy"].append(0.0)
+            return batches, num_items
+        from trl.models.utils import unwrap_model_for_generation
+
+        processes, index = self.accelerator.num_processes, self.accelerator.process_index
+        sampled = []
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            student = find_hybrid(unwrapped)
+            for m, batch in enumerate(batches):
+                rows = batch["input_ids"].shape[0]
+                params = SamplingParams(
+                    max_new_tokens=self.on_policy.max_new_tokens,
+                    temperature=self.on_policy.temperature,
+                    stop_token_ids=self._stop_ids,
+                    seed=sampling_seed(self.args.seed, step, m),
+                    stream_rows=rows * processes,  # each process samples its rows of one shared stream
+                    stream_offset=rows * index,
+                )
+                batch = {k: v.to(student.device) for k, v in batch.items()}
+                new, stats = student_batch(student, batch, params, self.processing_class.pad_token_id,
+                                           self.pad_length or batch["input_ids"].shape[1] + params.max_new_tokens)
+                for name, value in stats.items():
+                    self._parts[f"on_policy/{name}"].append(value)
+                sampled.append(new)
+        self._parts["on_policy"].append(1.0)
+        return sampled, self._get_num_items_in_batch(sampled, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.teacher.eval()  # stays in eval mode whatever happens to the student
@@ -190,10 +239,11 @@ class DistillTrainer(Trainer):
         return (loss, parts) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean loss parts since the last log (kl, and ce / hidden when they are used)."""
+        """Add the mean loss parts since the last log (kl, and ce / hidden when they are used), and with on-policy
+        steps their share and rollout statistics."""
         used = {"kl": True, "ce": self.loss_config.ce_weight > 0, "hidden": self.loss_config.hidden_weight > 0}
         for name, values in self._parts.items():
-            if values and used[name]:
+            if values and used.get(name, self.on_policy.fraction > 0):
                 logs[name] = sum(values) / len(values)
         self._parts.clear()
         super().log(logs, start_time)

@@ -40,9 +40,9 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from h1rl.models.modeling import HybridForCausalLM
 from h1rl.rewards import checked
 from h1rl.rollout import RolloutEngine, SamplingParams
+from h1rl.rollout.engine import find_hybrid
 
 
 def group_consecutive(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -114,28 +114,13 @@ class HybridGRPOTrainer(GRPOTrainer):
         if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
             raise ValueError("HybridGRPOTrainer generates with h1rl's engine: set use_vllm=False and "
                              "use_transformers_paged=False in GRPOConfig")
-        base = self._hybrid_model(self.model)
+        base = find_hybrid(self.model)
         if base is None:
             raise TypeError(f"HybridGRPOTrainer needs an h1rl HybridForCausalLM, got {type(self.model).__name__}")
         self._rollout_step = -1  # global step of the last rollout, and how many rollouts ran at that step
         self._rollouts_at_step = 0
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
-
-    @staticmethod
-    def _hybrid_model(model: torch.nn.Module) -> HybridForCausalLM | None:
-        """The HybridForCausalLM inside `model` (plain, PEFT-wrapped or accelerate-wrapped), or None."""
-        seen = model
-        for _ in range(4):
-            if isinstance(seen, HybridForCausalLM):
-                return seen
-            if hasattr(seen, "get_base_model"):
-                seen = seen.get_base_model()
-            elif hasattr(seen, "module"):
-                seen = seen.module
-            else:
-                return None
-        return None
 
     def _rollout_seed(self) -> int:
         """A seed from (run seed, global step, rollouts so far at this step): the same after a resume, and the same
@@ -181,8 +166,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             ) as unwrapped_model,
             torch.no_grad(),
         ):
-            # PEFT injects its adapters into the base model's layers, so the bare HybridForCausalLM includes them
-            engine = RolloutEngine(self._hybrid_model(unwrapped_model), pad_token_id=self._tokenizer.pad_token_id)
+            engine = RolloutEngine(find_hybrid(unwrapped_model), pad_token_id=self._tokenizer.pad_token_id)
             rollout = engine.generate(unique, counts, params)
         elapsed = time.perf_counter() - start
         completion_ids = rollout.completions()

@@ -70,6 +70,23 @@ class Rollout:
         return ids, mask, Tp
 
 
+def find_hybrid(model: torch.nn.Module) -> HybridForCausalLM | None:
+    """The HybridForCausalLM inside `model` (plain, PEFT-wrapped or accelerate/DeepSpeed-wrapped), or None.
+
+    PEFT injects its adapters into the base model's layers, so the bare HybridForCausalLM includes them."""
+    seen = model
+    for _ in range(4):
+        if isinstance(seen, HybridForCausalLM):
+            return seen
+        if hasattr(seen, "get_base_model"):
+            seen = seen.get_base_model()
+        elif hasattr(seen, "module"):
+            seen = seen.module
+        else:
+            return None
+    return None
+
+
 class RolloutEngine:
     """Fast batched sampling from an `HybridForCausalLM` (see the module docstring).
 
