@@ -24,6 +24,10 @@ the texts behind it.
 
 `evaluate(model, dataset, tokenizer=None, **settings)` returns that as a dict; `main(argv)` is the command line:
 it prints a table (`format_table`) and writes the dict as JSON.
+
+The same run gives distillation data: `trace_rows(results)` (`--traces FILE`) turns the completions into chat rows
+for `h1rl distill`, by default only those math-verify scored correct (the teacher's verified reasoning traces:
+Apriel-H1 distilled on its teacher's traces).
 """
 
 from __future__ import annotations
@@ -307,6 +311,25 @@ def evaluate(model, dataset, tokenizer=None, config: EvalConfig | None = None, r
     return results
 
 
+def trace_rows(results: dict[str, Any], only_correct: bool = True) -> list[dict[str, Any]]:
+    """An evaluation's completions as distillation rows `{"messages": [system?, user, assistant]}`.
+
+    `only_correct`: keep the completions scored correct (rejection sampling on the verifier). Identical completions
+    of one problem are kept once. The system prompt is the evaluation's (`config.system_prompt`).
+    """
+    system = results["config"].get("system_prompt")
+    rows = []
+    for problem in results["problems"]:
+        kept = set()
+        for text, ok in zip(problem["completions"], problem["correct"]):
+            if (ok or not only_correct) and text not in kept:
+                kept.add(text)
+                messages = [{"role": "system", "content": system}] if system else []
+                messages += [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": text}]
+                rows.append({"messages": messages})
+    return rows
+
+
 SUMMARY_KEYS = ("accuracy", "no_answer", "truncated", "mean_completion_tokens")
 
 
@@ -364,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", default="eval.json", help="JSON file for the results (default: eval.json)")
+    parser.add_argument("--traces", default=None,
+                        help="also write the correct completions as chat rows for `h1rl distill` (a .jsonl file)")
+    parser.add_argument("--traces-all", action="store_true", help="with --traces: keep wrong completions too")
     args = parser.parse_args(argv)
+    if args.traces_all and not args.traces:
+        parser.error("--traces-all needs --traces FILE")
     config = EvalConfig(
         num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p, pass_k=args.pass_k or [],
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, split=args.split,
@@ -376,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     if results["checker"].get("timeouts") or results["checker"].get("crashes") or results["checker"].get("errors"):
         print(f"checker failures (scored 0): {results['checker']}")
     print(f"results written to {write_results(results, args.out)}")
+    if args.traces:
+        from h1rl.data import write_jsonl
+
+        rows = trace_rows(results, only_correct=not args.traces_all)
+        which = "completions" if args.traces_all else "correct completions"
+        print(f"{len(rows)} {which} of {results['num_problems']} problems written as chat rows to "
+              f"{write_jsonl(rows, args.traces)}")
     return 0
 
 

@@ -15,7 +15,7 @@ import torch
 from h1rl.data.arithmetic import ArithmeticTask, write_jsonl
 from h1rl.data.teacher import TeacherConfig, build_teacher, train_teacher
 from h1rl.data.tokenizer import task_corpus, train_tokenizer
-from h1rl.eval import EvalConfig, evaluate, format_table, main, pass_at_k
+from h1rl.eval import EvalConfig, evaluate, format_table, main, pass_at_k, trace_rows
 from h1rl.models import HybridForCausalLM
 from h1rl.models.convert import convert_teacher
 
@@ -94,6 +94,29 @@ def test_cli_prints_a_table_and_writes_json(world, capsys):
     assert results["num_problems"] == 6 and results["num_samples"] == 2
     assert results["config"]["batch_size"] == 4 and len(results["problems"][0]["completions"]) == 2
     assert results["pass@2"] >= results["accuracy"]
+
+    traces = world["root"] / "results" / "traces.jsonl"
+    assert main(["--model", str(world["root"] / "hybrid"), "--data", str(world["data"]), "-n", "2",
+                 "--max-new-tokens", "8", "--max-samples", "6", "--batch-size", "4", "--out", str(out),
+                 "--traces", str(traces), "--traces-all"]) == 0
+    rows = [json.loads(line) for line in traces.read_text().splitlines()]
+    results = json.loads(out.read_text())
+    assert rows == trace_rows(results, only_correct=False) and 6 <= len(rows) <= 12
+    assert f"{len(rows)} completions of 6 problems" in capsys.readouterr().out
+
+
+def test_trace_rows_keep_correct_distinct_completions_as_chats():
+    results = {"config": {"system_prompt": "Be brief."}, "problems": [
+        {"question": "q1", "completions": ["a", "a", "b", "c"], "correct": [True, True, True, False]},
+        {"question": "q2", "completions": ["d"], "correct": [False]},
+    ]}
+    chat = lambda q, a: {"messages": [{"role": "system", "content": "Be brief."},  # noqa: E731
+                                      {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    assert trace_rows(results) == [chat("q1", "a"), chat("q1", "b")]
+    assert trace_rows(results, only_correct=False) == [chat("q1", "a"), chat("q1", "b"), chat("q1", "c"),
+                                                       chat("q2", "d")]
+    results["config"]["system_prompt"] = None
+    assert trace_rows(results)[0]["messages"][0] == {"role": "user", "content": "q1"}
 
 
 def test_pass_at_k_estimator():
