@@ -7,10 +7,13 @@ Fields set to "auto" are filled in by the demo (paths inside `out_dir`, the bund
 1. data: the synthetic arithmetic task's train split (GRPO prompts; distillation conversations) and test split;
 2. evaluate the bundled teacher on the test split (`h1rl.eval`): greedy accuracy, and, when `sampled_eval` is set,
    pass@1 estimated from n samples at the sampling temperature (the quantity GRPO maximises);
-3. staged distillation into a hybrid (`h1rl.distill`), then evaluate it;
-4. GRPO with the math-verify reward (`h1rl.rl`), then evaluate it;
-5. rollout throughput of the hybrid (engine) vs the teacher (`generate`), same prompts;
-6. `report.md`, `results.json` and PNG plots in `out_dir`, and a summary table on stdout.
+3. distillation data: with `distill_data: teacher_traces`, the teacher's own greedy solutions of the training
+   problems that math-verify scores correct (`h1rl.eval.trace_rows`), as Apriel-H1 distilled on its teacher's
+   traces; with `solutions`, the task's reference solutions;
+4. staged distillation into a hybrid (`h1rl.distill`), then evaluate it;
+5. GRPO with the math-verify reward (`h1rl.rl`), then evaluate it;
+6. rollout throughput of the hybrid (engine) vs the teacher (`generate`), same prompts;
+7. `report.md`, `results.json` and PNG plots in `out_dir`, and a summary table on stdout.
 
 Each phase leaves its results in `out_dir`; running the same command again skips what is done (distillation and
 GRPO resume from their checkpoints).
@@ -19,6 +22,7 @@ GRPO resume from their checkpoints).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +36,7 @@ from h1rl.rl.config import GRPORunConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 AUTO = "auto"
+DISTILL_DATA = ("teacher_traces", "solutions")
 
 
 @dataclass
@@ -53,7 +58,14 @@ class DemoConfig:
     # greedy answer for small models, whose greedy answers flip on many problems under small weight changes)
     sampled_eval: EvalConfig | None = None
     teacher: str = AUTO  # "auto": the bundled teacher (h1rl/assets/teacher)
+    # what the student is distilled on: the teacher's correct greedy solutions of the training problems
+    # ("teacher_traces", generated with the `eval` settings) or the task's reference solutions ("solutions")
+    distill_data: str = "teacher_traces"
     throughput_new_tokens: int = 64  # generated tokens per row in the rollout throughput comparison
+
+    def __post_init__(self):
+        if self.distill_data not in DISTILL_DATA:
+            raise ValueError(f"distill_data: expected one of {', '.join(DISTILL_DATA)}, got {self.distill_data!r}")
 
 
 def resolve(cfg: DemoConfig) -> DemoConfig:
@@ -66,7 +78,8 @@ def resolve(cfg: DemoConfig) -> DemoConfig:
     d = cfg.distill
     d.out_dir = str(out / "distill") if d.out_dir == AUTO else d.out_dir
     d.model.teacher = cfg.teacher if d.model.teacher == AUTO else d.model.teacher
-    d.data.path = str(out / "data" / "distill.jsonl") if d.data.path == AUTO else d.data.path
+    if d.data.path == AUTO:
+        d.data.path = str(out / "data" / f"distill_{cfg.distill_data}.jsonl")
     if d.data.calibration_path == AUTO:
         d.data.calibration_path = str(out / "data" / "calibration.jsonl")
     g = cfg.grpo
@@ -75,8 +88,8 @@ def resolve(cfg: DemoConfig) -> DemoConfig:
     return cfg
 
 
-def write_data(cfg: DemoConfig) -> list[dict[str, Any]]:
-    """Write train (GRPO), distillation and calibration files; return the test rows."""
+def write_data(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
+    """Write train (GRPO), reference-solution distillation and calibration files; return the splits' rows."""
     from h1rl.data import make_splits, to_chat, write_jsonl
 
     splits = make_splits(cfg.task.train_size, cfg.task.test_size, cfg.task.difficulty, cfg.task.seed)
@@ -84,36 +97,54 @@ def write_data(cfg: DemoConfig) -> list[dict[str, Any]]:
     write_jsonl([{"question": r["question"], "answer": r["answer"]} for r in splits["train"]], data / "train.jsonl")
     system = cfg.grpo.data.system_prompt
     chats = [{"messages": to_chat(r, system)} for r in splits["train"]]
-    write_jsonl(chats, data / "distill.jsonl")
+    write_jsonl(chats, data / "distill_solutions.jsonl")
     write_jsonl(chats[: cfg.distill.data.calibration_samples], data / "calibration.jsonl")
     write_jsonl(splits["test"], data / "test.jsonl")
-    return splits["test"]
+    return splits
+
+
+def cached_evaluation(path: Path, what: str, model_dir: str, rows: list[dict], config) -> dict[str, Any]:
+    """`h1rl.eval.evaluate` of `model_dir` on `rows`, cached in `path`: read back unless the checkpoint path, the
+    evaluation settings or the problems differ from the cached ones, in which case it evaluates again."""
+    from h1rl.eval import evaluate, write_results
+
+    wanted = {"model": str(model_dir), "config": json.loads(json.dumps(asdict(config)))}
+    cached = json.loads(path.read_text()) if path.exists() else None
+    if cached is not None and all(cached.get(key) == value for key, value in wanted.items()) and \
+            [p["question"] for p in cached["problems"]] == [r["question"] for r in rows]:
+        return cached
+    why = "" if cached is None else " (the cached evaluation used another checkpoint, settings or problems)"
+    print(f"[demo] evaluating {what} on {len(rows)} problems (n={config.num_samples}, temperature "
+          f"{config.temperature}){why}")
+    results = evaluate(model_dir, rows, config=config)
+    write_results(results, path)
+    return results
 
 
 def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, Any]:
-    """Evaluate a checkpoint on the test rows: {"greedy": results, "sampled": results (when configured)}.
-
-    Each evaluation is cached in out_dir/eval/<name>.json and <name>_sampled.json; a rerun reads them back unless
-    the checkpoint path or the evaluation settings differ from the cached ones, in which case it evaluates again.
-    """
-    from h1rl.eval import evaluate, write_results
-
+    """Evaluate a checkpoint on the test rows: {"greedy": results, "sampled": results (when configured)}, cached in
+    out_dir/eval/<name>.json and <name>_sampled.json (`cached_evaluation`)."""
     configs = {"greedy": (cfg.eval, name), "sampled": (cfg.sampled_eval, f"{name}_sampled")}
-    results = {}
-    for kind, (config, stem) in configs.items():
-        if config is None:
-            continue
-        path = Path(cfg.out_dir) / "eval" / f"{stem}.json"
-        wanted = {"model": str(model_dir), "config": json.loads(json.dumps(asdict(config)))}
-        cached = json.loads(path.read_text()) if path.exists() else None
-        if cached is None or any(cached.get(key) != value for key, value in wanted.items()):
-            why = "" if cached is None else " (the cached evaluation used another checkpoint or other settings)"
-            print(f"[demo] evaluating {name} on {len(test_rows)} held-out problems ({kind}, n={config.num_samples}, "
-                  f"temperature {config.temperature}){why}")
-            cached = evaluate(model_dir, test_rows, config=config)
-            write_results(cached, path)
-        results[kind] = cached
-    return results
+    return {kind: cached_evaluation(Path(cfg.out_dir) / "eval" / f"{stem}.json", f"{name} (held-out, {kind})",
+                                    model_dir, test_rows, config)
+            for kind, (config, stem) in configs.items() if config is not None}
+
+
+def write_teacher_traces(cfg: DemoConfig, train_rows: list[dict]) -> dict[str, Any]:
+    """The distillation data of `distill_data: teacher_traces`: the teacher's greedy solutions of the training
+    problems (the `eval` settings), those math-verify scores correct, as chat rows; returns counts for the report."""
+    from h1rl.data import write_jsonl
+    from h1rl.eval import trace_rows
+
+    config = dataclasses.replace(cfg.eval, system_prompt=cfg.grpo.data.system_prompt, num_samples=1, temperature=0.0,
+                                 pass_k=[])
+    results = cached_evaluation(Path(cfg.out_dir) / "eval" / "teacher_train.json", "the teacher (training problems)",
+                                cfg.teacher, train_rows, config)
+    rows = trace_rows(results)
+    write_jsonl(rows, cfg.distill.data.path)
+    print(f"[demo] distillation data: the teacher's correct greedy solutions of {len(rows)} of "
+          f"{len(train_rows)} training problems -> {cfg.distill.data.path}")
+    return {"problems": len(train_rows), "kept": len(rows), "teacher_train_accuracy": results["accuracy"]}
 
 
 def throughput(teacher_dir: str, hybrid_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, float]:
@@ -144,7 +175,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "resolved_config.yaml")
-    timings: dict[str, float] = {"data_s": 0.0, "eval_s": 0.0, "distill_s": 0.0, "grpo_s": 0.0, "throughput_s": 0.0}
+    timings = {f"{phase}_s": 0.0 for phase in ("data", "eval", "traces", "distill", "grpo", "throughput")}
     start = time.perf_counter()
 
     def timed(phase: str, fn, *args):
@@ -153,8 +184,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         timings[f"{phase}_s"] += time.perf_counter() - t0
         return value
 
-    test_rows = timed("data", write_data, cfg)
+    splits = timed("data", write_data, cfg)
+    test_rows = splits["test"]
     results: dict[str, Any] = {"teacher": timed("eval", evaluate_once, "teacher", cfg.teacher, test_rows, cfg)}
+    traces = timed("traces", write_teacher_traces, cfg, splits["train"]) if cfg.distill_data == "teacher_traces" \
+        else None
 
     print(f"[demo] distilling {len(cfg.distill.stages)} stages into {cfg.distill.out_dir}")
     manifest = timed("distill", run_distillation, cfg.distill)
@@ -180,6 +214,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "timings": timings,
         "stages": [{"stage": s["stage"], "layout": s["layout"], "metrics": s.get("metrics", {})}
                    for s in manifest["stages"]],
+        "distill_data": cfg.distill_data,
+        "teacher_traces": traces,
     }
     if cfg.sampled_eval is not None:  # pass@k per model, from n samples at the sampling temperature
         summary["sampled"] = {k: {m: x for m, x in v["sampled"].items() if m.startswith("pass@")}
@@ -283,11 +319,16 @@ def write_report(out: Path, summary: dict[str, Any], grpo_log: list[dict]) -> No
     plt.close(fig)
 
     speed = summary["throughput"]
+    traces = summary.get("teacher_traces")
+    data = (f"the teacher's correct greedy solutions of {traces['kept']} of {traces['problems']} training problems "
+            f"(its accuracy on them: {traces['teacher_train_accuracy']:.3f})" if traces else
+            "the task's reference solutions")
     lines = [
         "# h1rl demo report", "",
         "Held-out accuracy (math-verify):", "",
         "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
         *["| " + " | ".join([label, *(f"{v:.3f}" for v in values)]) + " |" for label, values in rows], "",
+        f"Distillation data: {data}.", "",
         f"Rollout throughput (4 prompts x G=8): hybrid {speed['hybrid_tok_s']:.0f} tok/s "
         f"(engine) vs teacher {speed['teacher_tok_s']:.0f} tok/s (generate): {speed['speedup']:.2f}x.", "",
         "| phase | seconds |", "|---|---|",

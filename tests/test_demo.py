@@ -20,6 +20,14 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     assert all(set(v) == {"pass@1", "pass@2"} for v in summary["sampled"].values())
     assert (out / "eval" / "hybrid_grpo_sampled.json").exists()
     assert summary["layout"].count("m2") >= 2
+    # distilled on the teacher's correct greedy solutions of the 64 training problems
+    traces = summary["teacher_traces"]
+    assert summary["distill_data"] == "teacher_traces" and 0 < traces["kept"] <= traces["problems"] == 64
+    distill_rows = (out / "data" / "distill_teacher_traces.jsonl").read_text().splitlines()
+    assert len(distill_rows) == traces["kept"]
+    teacher_train = json.loads((out / "eval" / "teacher_train.json").read_text())
+    assert traces["kept"] == sum(p["correct"][0] for p in teacher_train["problems"])
+    assert f"correct greedy solutions of {traces['kept']} of 64 training problems" in (out / "report.md").read_text()
     assert summary["throughput"]["hybrid_tok_s"] > 0
     for name in ("report.md", "accuracy.png", "distill_kl.png", "grpo_reward.png", "resolved_config.yaml"):
         assert (out / name).exists(), name
@@ -28,7 +36,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "greedy accuracy" in printed and "pass@2 (n=2, T=1)" in printed
     # a second run finds every phase done and redoes nothing
-    cached = [out / "eval" / name for name in ("hybrid_grpo.json", "hybrid_grpo_sampled.json")]
+    cached = [out / "eval" / name for name in ("hybrid_grpo.json", "hybrid_grpo_sampled.json", "teacher_train.json")]
     stamps = [path.stat().st_mtime_ns for path in cached]
     assert main(["--quick", f"out_dir={out}"]) == 0
     assert [path.stat().st_mtime_ns for path in cached] == stamps
@@ -71,3 +79,15 @@ def test_cached_evaluation_is_redone_when_its_settings_change(tmp_path):
     cfg.eval.max_new_tokens = 8
     again = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
     assert again["config"]["max_new_tokens"] == 8 and path.stat().st_mtime_ns != stamp
+
+
+def test_distillation_data_choice(tmp_path):
+    from h1rl.config_io import load_config
+    from h1rl.demo import RECIPES, DemoConfig, resolve
+
+    for choice in ("teacher_traces", "solutions"):
+        cfg = resolve(load_config(DemoConfig, RECIPES / "demo_quick.yaml", [f"out_dir={tmp_path}",
+                                                                              f"distill_data={choice}"]))
+        assert cfg.distill.data.path == str(tmp_path / "data" / f"distill_{choice}.jsonl")
+    with pytest.raises(ValueError, match="distill_data: expected one of teacher_traces, solutions, got 'gold'"):
+        load_config(DemoConfig, RECIPES / "demo_quick.yaml", ["distill_data=gold"])
