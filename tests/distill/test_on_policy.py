@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from h1rl.config_io import load_config
-from h1rl.distill.config import DataConfig, DistillConfig, LossConfig, OnPolicyConfig, TrainingConfig
+from h1rl.distill.config import DataConfig, LossConfig, OnPolicyConfig, TrainingConfig
 from h1rl.distill.data import build_dataset, make_collator
 from h1rl.distill.on_policy import is_on_policy_step, sampling_seed, split_prompts, student_batch
 from h1rl.distill.run import load_tokenizer
@@ -20,7 +19,6 @@ from h1rl.distill.trainer import DistillTrainer, training_arguments
 from h1rl.eval import stop_token_ids
 from h1rl.models.convert import convert_teacher
 from h1rl.rollout import RolloutEngine, SamplingParams
-from tests.distill.conftest import raw_config
 
 
 @pytest.fixture
@@ -132,14 +130,13 @@ def test_trainer_trains_on_student_samples(world, tmp_path, monkeypatch):
     assert logged and all("on_policy/completion_length" in e or e["on_policy"] == 0 for e in logged)
 
 
-def test_config_needs_assistant_only_loss(toy_world, tmp_path):
-    raw = raw_config(toy_world, tmp_path / "run", [{"layers": [1], "max_steps": 2}])
+def test_config_needs_assistant_only_loss(make_config):
+    stages = [{"layers": [1], "max_steps": 2}]
     with pytest.raises(ValueError, match="on_policy.fraction > 0 needs data.assistant_only_loss"):
-        load_config(DistillConfig, data=raw, overrides=["on_policy.fraction=0.5"])
+        make_config(stages, ["on_policy.fraction=0.5"])
     with pytest.raises(ValueError, match="fraction: must be in"):
-        load_config(DistillConfig, data=raw, overrides=["on_policy.fraction=2", "data.assistant_only_loss=true"])
-    cfg = load_config(DistillConfig, data=raw, overrides=["on_policy.fraction=1", "data.assistant_only_loss=true"])
-    assert cfg.on_policy.fraction == 1.0
+        make_config(stages, ["on_policy.fraction=2", "data.assistant_only_loss=true"])
+    assert make_config(stages, ["on_policy.fraction=1", "data.assistant_only_loss=true"]).on_policy.fraction == 1.0
 
 
 class StopAfter(TrainerCallback):
