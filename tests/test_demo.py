@@ -79,6 +79,10 @@ def test_cached_evaluation_is_redone_when_its_settings_change(tmp_path):
     cfg.eval.max_new_tokens = 8
     again = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
     assert again["config"]["max_new_tokens"] == 8 and path.stat().st_mtime_ns != stamp
+    stamp = path.stat().st_mtime_ns
+    other = make_splits(0, 4, 3, 0)["test"]  # other problems (a changed task): evaluated again
+    assert evaluate_once("teacher", str(teacher_dir()), other, cfg)["greedy"]["num_problems"] == 4
+    assert path.stat().st_mtime_ns != stamp
 
 
 def test_distillation_data_choice(tmp_path):
