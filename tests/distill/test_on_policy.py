@@ -148,12 +148,9 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resumed_run_samples_and_trains_as_an_uninterrupted_one(toy_world, tmp_path):
+def test_resumed_run_samples_and_trains_as_an_uninterrupted_one(world, tmp_path):
     """Step choice and sampling seeds come from (seed, step): resuming from a checkpoint reproduces the weights."""
-    tok = load_tokenizer(toy_world["teacher"])
-    teacher = AutoModelForCausalLM.from_pretrained(toy_world["teacher"]).eval()
-    ds = build_dataset(toy_world["train"], tok, DataConfig(path=toy_world["train"], max_length=48,
-                                                           assistant_only_loss=True))
+    tok, teacher, _, ds, _ = world
 
     def trainer(out, steps):
         student = convert_teacher(teacher, ["t", "m2", "t", "m2"], ssm_cfg={"d_state": 16}, seed=0)
