@@ -315,18 +315,18 @@ def trace_rows(results: dict[str, Any], only_correct: bool = True) -> list[dict[
     """An evaluation's completions as distillation rows `{"messages": [system?, user, assistant]}`.
 
     `only_correct`: keep the completions scored correct (rejection sampling on the verifier). Identical completions
-    of one problem are kept once. The system prompt is the evaluation's (`config.system_prompt`).
+    of one problem are kept once, empty ones never. The system prompt is the evaluation's (`config.system_prompt`).
     """
+    from h1rl.data import to_chat
+
     system = results["config"].get("system_prompt")
     rows = []
     for problem in results["problems"]:
         kept = set()
         for text, ok in zip(problem["completions"], problem["correct"]):
-            if (ok or not only_correct) and text not in kept:
+            if (ok or not only_correct) and text and text not in kept:  # an empty completion teaches nothing
                 kept.add(text)
-                messages = [{"role": "system", "content": system}] if system else []
-                messages += [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": text}]
-                rows.append({"messages": messages})
+                rows.append({"messages": to_chat({"question": problem["question"], "solution": text}, system)})
     return rows
 
 

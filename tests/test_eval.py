@@ -108,7 +108,7 @@ def test_cli_prints_a_table_and_writes_json(world, capsys):
 def test_trace_rows_keep_correct_distinct_completions_as_chats():
     results = {"config": {"system_prompt": "Be brief."}, "problems": [
         {"question": "q1", "completions": ["a", "a", "b", "c"], "correct": [True, True, True, False]},
-        {"question": "q2", "completions": ["d"], "correct": [False]},
+        {"question": "q2", "completions": ["d", ""], "correct": [False, False]},  # an empty one is never kept
     ]}
     chat = lambda q, a: {"messages": [{"role": "system", "content": "Be brief."},  # noqa: E731
                                       {"role": "user", "content": q}, {"role": "assistant", "content": a}]}

@@ -26,8 +26,10 @@ from __future__ import annotations
 import random
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from h1rl.distill.config import OnPolicyConfig
+from h1rl.distill.data import make_collator
 from h1rl.models.modeling import HybridForCausalLM
 from h1rl.rollout.engine import RolloutEngine
 from h1rl.rollout.sampling import SamplingParams
@@ -75,20 +77,23 @@ def student_batch(
     model: HybridForCausalLM,
     batch: dict[str, torch.Tensor],
     params: SamplingParams,
-    pad_token_id: int,
+    tokenizer: PreTrainedTokenizerBase,
     max_length: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """`batch` with each row's completion sampled by `model` (see the module docstring); and rollout statistics.
 
-    Returns input_ids, attention_mask, labels (B, T') right-padded (pad id / 0 / -100), rows cut at `max_length`.
+    Returns input_ids, attention_mask, labels (B, T') padded by the distillation collator (`make_collator`), rows
+    cut at `max_length`.
     """
     prompts = split_prompts(batch)
     sampled = [i for i, p in enumerate(prompts) if p is not None]
-    rows = [batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist() for i in range(len(prompts))]
-    labels = [batch["labels"][i][batch["attention_mask"][i].bool()].tolist() for i in range(len(prompts))]
+    real = batch["attention_mask"].bool()  # (B, T)
+    rows = [batch["input_ids"][i][real[i]].tolist() for i in range(len(prompts))]
+    labels = [batch["labels"][i][real[i]].tolist() for i in range(len(prompts))]
     stats = {"completion_length": 0.0, "stopped": 0.0, "rollout_seconds": 0.0}
     if sampled:
-        rollout = RolloutEngine(model, pad_token_id=pad_token_id).generate([prompts[i] for i in sampled], 1, params)
+        engine = RolloutEngine(model, pad_token_id=tokenizer.pad_token_id)
+        rollout = engine.generate([prompts[i] for i in sampled], 1, params)
         for i, completion in zip(sampled, rollout.completions()):
             rows[i] = prompts[i] + completion
             labels[i] = [-100] * len(prompts[i]) + completion
@@ -97,16 +102,7 @@ def student_batch(
             "stopped": sum(r == "stop" for r in rollout.finish_reasons) / len(sampled),
             "rollout_seconds": rollout.stats["prefill_s"] + rollout.stats["decode_s"],
         }
-    T = min(max(map(len, rows)), max_length)
-    device = batch["input_ids"].device
-    out = {
-        "input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long, device=device),
-        "attention_mask": torch.zeros(len(rows), T, dtype=torch.long, device=device),
-        "labels": torch.full((len(rows), T), -100, dtype=torch.long, device=device),
-    }
-    for i, (row, lab) in enumerate(zip(rows, labels)):
-        n = min(len(row), T)
-        out["input_ids"][i, :n] = torch.tensor(row[:n])
-        out["attention_mask"][i, :n] = 1
-        out["labels"][i, :n] = torch.tensor(lab[:n])
-    return out, stats
+    features = [{"input_ids": row[:max_length], "attention_mask": [1] * len(row[:max_length]),
+                 "labels": lab[:max_length]} for row, lab in zip(rows, labels)]
+    out = make_collator(tokenizer)(features)
+    return {k: v.to(batch["input_ids"].device) for k, v in out.items()}, stats

@@ -214,7 +214,7 @@ class DistillTrainer(Trainer):
                     stream_offset=rows * index,
                 )
                 batch = {k: v.to(student.device) for k, v in batch.items()}
-                new, stats = student_batch(student, batch, params, self.processing_class.pad_token_id,
+                new, stats = student_batch(student, batch, params, self.processing_class,
                                            self.pad_length or batch["input_ids"].shape[1] + params.max_new_tokens)
                 for name, value in stats.items():
                     self._parts[f"on_policy/{name}"].append(value)

@@ -71,7 +71,7 @@ def test_student_batch_holds_the_students_own_completions(world):
     prompts = split_prompts(batch)
     stops = stop_token_ids(student, tok)
     params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=stops)
-    new, stats = student_batch(student, batch, params, tok.pad_token_id, max_length=48)
+    new, stats = student_batch(student, batch, params, tok, max_length=48)
 
     sampled = [i for i in range(6) if i != 2]
     expected = RolloutEngine(student, tok.pad_token_id).generate([prompts[i] for i in sampled], 1, params)
@@ -89,10 +89,10 @@ def test_student_batch_holds_the_students_own_completions(world):
 
     # sampled (T = 1) rows: reproducible under the seed, different under another, cut at max_length
     sampling = SamplingParams(max_new_tokens=40, temperature=1.0, stop_token_ids=stops, seed=3)
-    a, _ = student_batch(student, batch, sampling, tok.pad_token_id, max_length=20)
-    b, _ = student_batch(student, batch, sampling, tok.pad_token_id, max_length=20)
+    a, _ = student_batch(student, batch, sampling, tok, max_length=20)
+    b, _ = student_batch(student, batch, sampling, tok, max_length=20)
     sampling.seed = 4
-    c, _ = student_batch(student, batch, sampling, tok.pad_token_id, max_length=20)
+    c, _ = student_batch(student, batch, sampling, tok, max_length=20)
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["input_ids"], c["input_ids"])
     assert a["input_ids"].shape[1] <= 20
 
