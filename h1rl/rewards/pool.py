@@ -8,7 +8,7 @@ trainer has to run where it can be killed. Each worker is `python h1rl/rewards/_
 "forkserver" re-import) nor torch, it inherits no CUDA or thread state (which "fork" would copy), and it talks JSON
 lines over pipes, so nothing sympy-shaped ever reaches the trainer process.
 
-How `run(tasks)` works: tasks go to idle workers one at a time; one `selectors` loop in the calling thread reads
+How `run(tasks)` works: identical tasks are checked once; tasks go to idle workers one at a time; one `selectors` loop in the calling thread reads
 answers and watches deadlines. A task gets `timeout_s` from the moment it is sent: the worker's own alarm fires at
 `0.8 * timeout_s` (this catches Python-level hangs and keeps the process); at `timeout_s` the parent kills the
 worker (SIGKILL), records "timeout", and starts a replacement. A worker that dies during a task records "crash" and
@@ -81,12 +81,20 @@ class VerifierPool:
         return [w.proc.pid for w in self._workers]
 
     def run(self, tasks: list[dict]) -> list[tuple[str, str]]:
+        # A check is a function of its task alone, so identical tasks (G samples of one prompt often agree) are
+        # sent once and share the result, a timeout included.
+        keys = [json.dumps(task, sort_keys=True) for task in tasks]
+        slot: dict[str, int] = {}
+        for key in keys:
+            slot.setdefault(key, len(slot))
+        distinct = [json.loads(key) for key in slot]
         with self._lock:
             try:
-                return self._run(tasks)
+                results = self._run(distinct)
             except BaseException:
                 self._close()  # unknown state (e.g. KeyboardInterrupt mid-task): the next run starts afresh
                 raise
+        return [results[slot[key]] for key in keys]
 
     def close(self) -> None:
         """Kill all workers. The pool stays usable: the next `run` starts new ones."""

@@ -172,6 +172,20 @@ def test_a_worker_stuck_in_c_code_is_killed_at_the_deadline(monkeypatch):
         assert not alive(stuck[0])
 
 
+def test_identical_checks_run_once(monkeypatch):
+    """G samples of a prompt often agree: identical (answer, reference) pairs are checked once and share the
+    result, so three copies of a hanging check cost one deadline and one replaced worker, not three."""
+    monkeypatch.setenv(HANG_MARKER_ENV, "HANG-HERE")
+    with accuracy_reward(timeout_s=1.0, num_workers=1) as reward:
+        completions = [r"\boxed{1 HANG-HERE}", r"\boxed{1}", r"\boxed{1 HANG-HERE}", r"\boxed{2}", r"\boxed{1 HANG-HERE}"]
+        assert reward(completions=completions, answer=["1"] * 5) == [0.0, 1.0, 0.0, 0.0, 0.0]
+        stats = reward.stats()
+        assert (stats["timeouts"], stats["correct"], stats["wrong"]) == (3, 1, 1)  # counted per sample
+        assert reward.pool.restarts == 1
+        # the same text against another reference is another check
+        assert reward(completions=[r"\boxed{2}", r"\boxed{2}"], answer=["2", "3"]) == [1.0, 0.0]
+
+
 def test_close_leaves_no_worker_processes():
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
