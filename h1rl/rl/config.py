@@ -4,7 +4,7 @@ One YAML file maps one to one onto `GRPORunConfig` (through `h1rl.config_io`: un
 dotted key). The optimisation and sampling knobs are TRL's own: the `trl` mapping is passed to `trl.GRPOConfig`
 unchanged, so every field TRL documents works here and a misspelt one is refused by name. h1rl adds only what TRL
 does not know: where the model and data come from, which built-in rewards to use with which weights, LoRA
-targets that include the Mamba projections, and dynamic sampling.
+targets that include the Mamba projections, dynamic sampling, and skipping zero-advantage rows.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ class GRPORunConfig:
     # DAPO's dynamic sampling: replace prompt groups whose rewards all tie (zero advantage, zero gradient) with
     # fresh prompts, in at most this many extra generation rounds per batch; 0 turns it off
     dynamic_sampling_rounds: int = 0
+    # train only on rows with a non-zero advantage where that leaves the gradient unchanged (see HybridGRPOTrainer)
+    skip_zero_advantage_rows: bool = True
     trl: dict[str, Any] = field(default_factory=dict)  # any trl.GRPOConfig field, e.g. learning_rate, beta
 
     def __post_init__(self):

@@ -26,6 +26,14 @@ batch, so its size never changes. Logged as `dynamic_sampling/*`. With several p
 groups (it must hold whole groups) and all run the same rounds with equally many fresh groups, as TRL's gathers
 need; fresh prompts then differ by process, so such a run is not identical to a single-process one.
 
+Also beyond TRL, and exact: rows whose advantage is exactly zero (every row of a tied group, with the usual 0/1
+rewards) contribute exactly zero to the loss and its gradient when the loss is normalised by the batch's token
+count (`loss_type` "dapo", TRL's default, "cispo" or "vespo"), `beta` is 0 and no entropy term is in play. With
+`skip_zero_advantage_rows=True` (the default) the training forward and backward then run on the other rows only:
+the same gradient up to float summation order, at the cost of the rows that carry signal. Where the
+conditions do not hold every row is trained on, as in TRL. The entropy and clip-ratio logs then cover the trained
+rows; `train/rows_trained` logs the fraction kept.
+
 Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
 completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
 processes draws the same completions as one process holding the whole global batch.
@@ -94,7 +102,7 @@ class HybridGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
-                 **kwargs: Any):
+                 skip_zero_advantage_rows: bool = True, **kwargs: Any):
         # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
         # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -110,6 +118,7 @@ class HybridGRPOTrainer(GRPOTrainer):
                 f"num_generations ({self.num_generations})"
             )
         self.dynamic_sampling_rounds = dynamic_sampling_rounds
+        self.skip_zero_advantage_rows = skip_zero_advantage_rows and self._zero_advantage_rows_are_inert()
         self._last_rewards_per_func: torch.Tensor | None = None
         if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
             raise ValueError("HybridGRPOTrainer generates with h1rl's engine: set use_vllm=False and "
@@ -246,6 +255,38 @@ class HybridGRPOTrainer(GRPOTrainer):
         while True:
             for index in torch.randperm(len(self.train_dataset), generator=generator).tolist():
                 yield self.train_dataset[index]
+
+    def _zero_advantage_rows_are_inert(self) -> bool:
+        """Whether a row with advantage 0 adds exactly nothing to the loss of its micro-batch, so that leaving it out
+        of the training pass changes nothing: its policy term is -A * (clipped) ratio = 0, and the loss is divided by
+        the batch's precomputed token count (`num_items_in_batch`), not by anything that counts this micro-batch's
+        rows. A KL term, an entropy bonus or an entropy quantile mask (computed over the rows present) breaks this."""
+        return (
+            self.loss_type in ("dapo", "cispo", "vespo")
+            and self.beta == 0.0
+            and self.top_entropy_quantile == 1.0
+            and not self._entropy_bonus_enabled
+            and not self.aux_loss_enabled
+        )
+
+    def _compute_loss(self, model, inputs):
+        if not self.skip_zero_advantage_rows or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        advantages = inputs["advantages"]  # (R,) or (R, L)
+        keep = (advantages != 0).reshape(advantages.shape[0], -1).any(1)  # (R,)
+        keep[0] = keep[0] | ~keep.any()  # an all-tied micro-batch still runs one (inert) row: every process
+        rows = advantages.shape[0]  # must run a forward and backward through the model (DDP, ZeRO)
+        self._metrics["train"]["train/rows_trained"].append(float(keep.sum()) / rows)
+        if bool(keep.all()):
+            return super()._compute_loss(model, inputs)
+        index = keep.nonzero()[:, 0]
+        kept = {
+            key: value.index_select(0, index.to(value.device))
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+            else value
+            for key, value in inputs.items()
+        }
+        return super()._compute_loss(model, kept)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         serve = (

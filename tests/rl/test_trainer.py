@@ -96,6 +96,36 @@ def test_dynamic_sampling_refills_tied_groups(tmp_path):
     assert all(e["dynamic_sampling/extra_rounds"] <= 3 for e in logs)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
+def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tmp_path, loss_type):
+    """first_token_parity ties whole groups often: with the skip, "dapo" trains on fewer rows to the same parameters
+    as training on every row; "bnpo" (normalised by the micro-batch's own tokens) is not eligible and trains on all."""
+    tokenizer = tiny_tokenizer()
+    results = {}
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(["t", "m2"], vocab_size=len(tokenizer)).train()
+        trainer = HybridGRPOTrainer(
+            model=model, reward_funcs=first_token_parity,
+            args=grpo_args(tmp_path / str(skip), max_steps=3, num_generations=2, per_device_train_batch_size=8,
+                           loss_type=loss_type),
+            train_dataset=prompts_dataset(16), processing_class=tokenizer, skip_zero_advantage_rows=skip,
+        )
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.train()
+        results[skip] = ({n: p.detach().clone() for n, p in model.named_parameters()}, trainer.state.log_history)
+    (plain, plain_logs), (skipped, logs) = results[False], results[True]
+    kept = [e["train/rows_trained"] for e in logs if "train/rows_trained" in e]
+    if loss_type == "bnpo":
+        assert not kept and not any("train/rows_trained" in e for e in plain_logs)
+        assert all(torch.equal(plain[n], skipped[n]) for n in plain)
+        return
+    assert len(kept) == 3 and min(kept) < 1.0, kept  # some rows were left out of the training pass
+    assert any(not torch.equal(plain[n], before[n]) for n in plain)  # the runs did learn
+    for name in plain:  # the same update up to float summation order
+        torch.testing.assert_close(skipped[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_merge_rows_repads_prompts_left_and_completions_right():
     from h1rl.rl.trainer import merge_rows
 
