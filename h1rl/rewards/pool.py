@@ -8,12 +8,13 @@ trainer has to run where it can be killed. Each worker is `python h1rl/rewards/_
 "forkserver" re-import) nor torch, it inherits no CUDA or thread state (which "fork" would copy), and it talks JSON
 lines over pipes, so nothing sympy-shaped ever reaches the trainer process.
 
-How `run(tasks)` works: identical tasks are checked once; tasks go to idle workers one at a time; one `selectors` loop in the calling thread reads
-answers and watches deadlines. A task gets `timeout_s` from the moment it is sent: the worker's own alarm fires at
-`0.8 * timeout_s` (this catches Python-level hangs and keeps the process); at `timeout_s` the parent kills the
-worker (SIGKILL), records "timeout", and starts a replacement. A worker that dies during a task records "crash" and
-is replaced the same way. A worker that cannot start (math-verify missing, a broken environment) raises
-`RuntimeError` at once instead of scoring anything: that is a setup error, not a failed check.
+How `run(tasks)` works: identical tasks are checked once (their results are shared); tasks go to idle workers one at
+a time; one `selectors` loop in the calling thread reads answers and watches deadlines. A task gets `timeout_s` from
+the moment it is sent: the worker's own alarm fires at `0.8 * timeout_s` (this catches Python-level hangs and keeps
+the process); at `timeout_s` the parent kills the worker (SIGKILL), records "timeout", and starts a replacement. A
+worker that dies during a task records "crash" and is replaced the same way. A worker that cannot start (math-verify
+missing, a broken environment) raises `RuntimeError` at once instead of scoring anything: that is a setup error, not
+a failed check.
 
 Lifetime: workers start on the first `run` (importing math-verify takes about a second) and stay up between
 calls; `close()` kills them, and a `weakref.finalize` does the same at interpreter exit or when the pool is garbage

@@ -30,7 +30,7 @@ Also beyond TRL, and exact: rows whose advantage is exactly zero (every row of a
 rewards) contribute exactly zero to the loss and its gradient when the loss is normalised by the batch's token
 count (`loss_type` "dapo", TRL's default, "cispo" or "vespo"), `beta` is 0 and no entropy term is in play. With
 `skip_zero_advantage_rows=True` (the default) the training forward and backward then run on the other rows only:
-the same gradient up to float summation order, at the cost of the rows that carry signal. Where the
+the same gradient up to float summation order, for the compute of the rows that carry signal only. Where the
 conditions do not hold every row is trained on, as in TRL. The entropy and clip-ratio logs then cover the trained
 rows; `train/rows_trained` logs the fraction kept.
 
@@ -274,8 +274,9 @@ class HybridGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         advantages = inputs["advantages"]  # (R,) or (R, L)
         keep = (advantages != 0).reshape(advantages.shape[0], -1).any(1)  # (R,)
-        keep[0] = keep[0] | ~keep.any()  # an all-tied micro-batch still runs one (inert) row: every process
-        rows = advantages.shape[0]  # must run a forward and backward through the model (DDP, ZeRO)
+        # an all-tied micro-batch still runs one (inert) row: every process must run a forward and backward (DDP, ZeRO)
+        keep[0] = keep[0] | ~keep.any()
+        rows = advantages.shape[0]
         self._metrics["train"]["train/rows_trained"].append(float(keep.sum()) / rows)
         if bool(keep.all()):
             return super()._compute_loss(model, inputs)

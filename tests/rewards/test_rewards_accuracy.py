@@ -177,7 +177,8 @@ def test_identical_checks_run_once(monkeypatch):
     result, so three copies of a hanging check cost one deadline and one replaced worker, not three."""
     monkeypatch.setenv(HANG_MARKER_ENV, "HANG-HERE")
     with accuracy_reward(timeout_s=1.0, num_workers=1) as reward:
-        completions = [r"\boxed{1 HANG-HERE}", r"\boxed{1}", r"\boxed{1 HANG-HERE}", r"\boxed{2}", r"\boxed{1 HANG-HERE}"]
+        hang = r"\boxed{1 HANG-HERE}"
+        completions = [hang, r"\boxed{1}", hang, r"\boxed{2}", hang]
         assert reward(completions=completions, answer=["1"] * 5) == [0.0, 1.0, 0.0, 0.0, 0.0]
         stats = reward.stats()
         assert (stats["timeouts"], stats["correct"], stats["wrong"]) == (3, 1, 1)  # counted per sample
