@@ -9,6 +9,11 @@
   allocates the right size up front, never reallocates).
 - `None` for identity layers.
 
+Inference (no autograd) updates the buffers in place, which is what the rollout engine's static memory and CUDA
+graphs rely on. When autograd records through a cache (the GRPO trainer's training forward over a shared prompt
+prefix, `HybridModel.sharing_prefix`), updates replace the tensors instead (`records_grad`), so gradients flow back
+through the cached prefix to the prompt's tokens.
+
 The cache is not a `transformers.Cache`: its layer types are h1rl's own, so generation uses it through the model's
 `_supports_default_dynamic_cache() -> False` hook (the route transformers keeps for Mamba-like models), and only the
 few methods `generate` calls are provided (`get_seq_length`, `reorder_cache`, `is_compileable`).
@@ -19,6 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd is recording through any of `tensors`: cache updates must then be out of place."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @dataclass
@@ -47,8 +57,16 @@ class KVState:
     length: int = 0
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `key`/`value` (B, Hkv, T, P) after the filled part; return views of everything filled so far."""
+        """Write `key`/`value` (B, Hkv, T, P) after the filled part; return views of everything filled so far.
+
+        Under autograd (a training forward through a cached prefix) the buffers are replaced rather than written in
+        place, so that the keys and values the attention saved for its backward stay intact."""
         new_length = self.length + key.shape[2]
+        if records_grad(key, self.key):
+            self.key = torch.cat([self.key[:, :, : self.length], key], dim=2)
+            self.value = torch.cat([self.value[:, :, : self.length], value], dim=2)
+            self.length = new_length
+            return self.key, self.value
         if new_length > self.key.shape[2]:
             self._grow(new_length)
         self.key[:, :, self.length : new_length] = key

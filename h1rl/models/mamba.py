@@ -15,7 +15,8 @@ Left padding: pad tokens are zeroed before the convolution and get dt = 0 (decay
 state reaching the first real token is exactly the zero state the row would have alone.
 
 Paths: `forward` runs any number of tokens (training, prefill, continuation from a cached state) with the selective
-scan of `h1rl.models.scan`; `step` decodes one token from the cached state. causal-conv1d's kernels are used on CUDA
+scan of `h1rl.models.scan`; `step` decodes one token from the cached state. A cached state is updated in place,
+except under autograd, where it is replaced (see `h1rl.models.cache`). causal-conv1d's kernels are used on CUDA
 when installed (guarded imports); the pure-torch path runs everywhere and is what the tests compare against.
 """
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from h1rl.models.cache import MambaState
+from h1rl.models.cache import MambaState, records_grad
 from h1rl.models.configuration import HybridConfig
 from h1rl.models.scan import selective_scan, selective_state_update
 
@@ -150,7 +151,10 @@ class MambaMixer(nn.Module):
             impl=self.scan_impl,
         )  # (B, T, H, P), (B, H, P, N)
         if state is not None:
-            state.ssm.copy_(final_state)
+            if records_grad(final_state):  # training through a cached prefix: keep the saved initial state intact
+                state.ssm = final_state
+            else:
+                state.ssm.copy_(final_state)
         return self._output(y.reshape(Bsz, T, -1), x, z)
 
     def _conv(self, x: torch.Tensor, state: MambaState | None) -> torch.Tensor:
@@ -165,7 +169,9 @@ class MambaMixer(nn.Module):
         else:
             prefix = state.conv[..., 1:].to(xt.dtype)  # (B, Di, K-1): the last K-1 inputs seen
         full = torch.cat([prefix, xt], dim=-1)  # (B, Di, K-1+T)
-        if state is not None:
+        if state is not None and records_grad(full):
+            state.conv = full[..., -K:]
+        elif state is not None:
             state.conv.copy_(full[..., -K:])
         out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (B, Di, T)
         return F.silu(out).transpose(1, 2)

@@ -10,7 +10,10 @@ What the model adds to a plain transformers decoder, and why it is written here 
   `_supports_default_dynamic_cache() -> False` route that transformers keeps for stateful models;
 - positions derived from the attention mask when none are given, so a left-padded row sees RoPE positions
   0, 1, ... exactly as it would alone, and the Mamba mixers keep pad tokens out of their state;
-- `step()`-based one-token decoding for Mamba layers (the parallel scan is not needed for one token).
+- `step()`-based one-token decoding for Mamba layers (the parallel scan is not needed for one token);
+- `HybridModel.sharing_prefix(n)`: a forward over rows of which several share their first n tokens (GRPO's G
+  completions of one prompt) runs those tokens once per distinct prefix and continues each row from its prefix's
+  cached state, with gradients, instead of once per row (the GRPO trainer's training forward uses it).
 
 `forward` accepts transformers' usual arguments (`input_ids`, `attention_mask`, `position_ids`, `cache` (alias
 `past_key_values`), `inputs_embeds`, `labels`, `use_cache`, `logits_to_keep`, `output_hidden_states`), so the model
@@ -19,6 +22,8 @@ works under `Trainer`, TRL's `GRPOTrainer` and PEFT unmodified.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -131,7 +136,26 @@ class HybridModel(HybridPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.shared_prefix_length: int | None = None  # set by `sharing_prefix`
         self.post_init()
+
+    @contextmanager
+    def sharing_prefix(self, length: int) -> Iterator[None]:
+        """Within the block, a forward over full sequences (no cache) computes the first `length` positions once per
+        group of rows (anywhere in the batch) whose first `length` token ids and mask columns are equal, and continues
+        every row from its group's cached state: the same hidden states as the plain forward (up to float rounding),
+        and the same gradients, for the prefix's compute divided by the group size.
+
+        Falls back to the plain forward when every row's prefix is distinct, when hidden states of every
+        layer are asked for, or under gradient checkpointing (whose recomputation would append to the cache twice).
+        """
+        if length < 1:
+            raise ValueError(f"sharing_prefix: length must be >= 1, got {length}")
+        self.shared_prefix_length = length
+        try:
+            yield
+        finally:
+            self.shared_prefix_length = None
 
     def forward(
         self,
@@ -171,22 +195,23 @@ class HybridModel(HybridPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, -1)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, T, P)
+        shared = self.shared_prefix_length
+        groups = None
+        if (shared is not None and cache is None and input_ids is not None and 0 < shared < T
+                and not output_hidden_states and not (self.gradient_checkpointing and self.training)):
+            prefix_mask = None if attention_mask is None else attention_mask[:, :shared]
+            groups = prefix_groups(input_ids[:, :shared], prefix_mask)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: checked once here, not in every layer
+        if groups is not None:
+            hidden_states = self._forward_sharing_prefix(inputs_embeds, attention_mask, position_embeddings, shared,
+                                                         *groups)
+            return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
         decode_step = cache is not None and past > 0 and T == 1
 
-        hidden_states = inputs_embeds
         all_hidden_states = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                cache=cache,
-                decode_step=decode_step,
-            )
+        hidden_states = self._run_layers(inputs_embeds, position_embeddings, attention_mask, cache, decode_step,
+                                         all_hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
@@ -197,6 +222,60 @@ class HybridModel(HybridPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
+
+
+    def _run_layers(self, hidden_states, position_embeddings, attention_mask, cache, decode_step=False,
+                    all_hidden_states=None) -> torch.Tensor:
+        """The decoder layers over hidden states (B, T, D); `all_hidden_states` collects each layer's input."""
+        for layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                cache=cache,
+                decode_step=decode_step,
+            )
+        return hidden_states
+
+    def _forward_sharing_prefix(
+        self,
+        inputs_embeds: torch.Tensor,  # (B, T, D)
+        attention_mask: torch.Tensor | None,  # (B, T), None when nothing is padded
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, T, P)
+        length: int,  # L: the shared prefix
+        first: torch.Tensor,  # (U,) first row of each group
+        group: torch.Tensor,  # (B,) group of each row
+    ) -> torch.Tensor:
+        """Decoder layers (before the final norm) with the first `length` positions run once per group."""
+        U = first.numel()
+        cos, sin = position_embeddings
+        prefix_mask = None if attention_mask is None else attention_mask[first, :length]  # (U, L)
+        if prefix_mask is not None and bool(prefix_mask.all()):
+            prefix_mask = None
+        cache = self.allocate_cache(U, length, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        prefix = self._run_layers(
+            inputs_embeds[first, :length], (cos[first, :length], sin[first, :length]), prefix_mask, cache
+        )  # (U, L, D)
+        cache.seen_tokens = length
+        rows = cache.index_select(group)  # every row continues from its group's state (differentiable)
+        rest = self._run_layers(
+            inputs_embeds[:, length:], (cos[:, length:], sin[:, length:]), attention_mask, rows
+        )  # (B, T - L, D)
+        return torch.cat([prefix.index_select(0, group), rest], dim=1)  # (B, T, D)
+
+
+def prefix_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows with equal `ids` (B, L) and `mask` columns, wherever they are in the batch (TRL shuffles its rows): (one
+    row of each distinct prefix (U,), group of each row (B,)), or None when every prefix is distinct."""
+    key = ids if mask is None else torch.cat([ids, mask.to(ids.dtype)], dim=1)  # (B, L) or (B, 2L)
+    distinct, group = torch.unique(key, dim=0, return_inverse=True)  # (U, .), (B,)
+    if distinct.shape[0] == key.shape[0]:
+        return None
+    first = torch.full((distinct.shape[0],), key.shape[0], dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, group, torch.arange(key.shape[0], device=ids.device), reduce="amin")
+    return first, group
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):

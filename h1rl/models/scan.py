@@ -23,7 +23,7 @@ Public API
   - "auto": "cuda" if usable, else "cpu_kernel" on CPU tensors if it compiled, else "torch".
 - `selective_state_update`: one decode step, in place on a float32 state (mamba-ssm's Triton kernel on CUDA
   when importable, else torch).
-- `cpu_kernel_available()`, `benchmark()`.
+- `cpu_kernel_available()`, `cuda_scan_available()`, `benchmark()`.
 
 Numerics and memory: all implementations compute in float32 (float64 inputs stay float64 in "ref" and
 "torch", so that gradcheck works; the C kernel always computes in float32). y comes back in x.dtype, the final
@@ -452,6 +452,11 @@ def _cpu_kernel():
     lib.h1_scan_bwd.argtypes = [ptr] * 14 + [i64] * 7 + [ctypes.c_int]
     lib.h1_scan_bwd.restype = ctypes.c_int
     return lib
+
+
+def cuda_scan_available():
+    """True if mamba-ssm's CUDA selective scan is importable (it takes no initial state; see `selective_scan`)."""
+    return _mamba_scan_fn is not None
 
 
 def cpu_kernel_available():

@@ -34,6 +34,12 @@ the same gradient up to float summation order, for the compute of the rows that 
 conditions do not hold every row is trained on, as in TRL. The entropy and clip-ratio logs then cover the trained
 rows; `train/rows_trained` logs the fraction kept.
 
+And one more: TRL's training forward runs each of a prompt's G rows over the whole prompt again. With
+`share_prompt_prefix` (default: on, except on a GPU with mamba-ssm's scan kernel, which cannot start from a state)
+it runs under `HybridModel.sharing_prefix`: each distinct prompt once, each row continuing from its prompt's cached
+state, with gradients flowing back through that state. Same log-probs and gradients up to float rounding
+(`tests/models/test_shared_prefix.py`), for the prompt's compute divided by G.
+
 Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
 completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
 processes draws the same completions as one process holding the whole global batch.
@@ -48,6 +54,7 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
+from h1rl.models.scan import cuda_scan_available
 from h1rl.rewards import checked
 from h1rl.rollout import RolloutEngine, SamplingParams
 from h1rl.rollout.engine import find_hybrid
@@ -102,7 +109,7 @@ class HybridGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
-                 skip_zero_advantage_rows: bool = True, **kwargs: Any):
+                 skip_zero_advantage_rows: bool = True, share_prompt_prefix: bool | None = None, **kwargs: Any):
         # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
         # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -130,6 +137,9 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._rollouts_at_step = 0
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
+        if share_prompt_prefix is None:  # auto: mamba-ssm's CUDA scan has no initial state (it would fall back)
+            share_prompt_prefix = not (base.device.type == "cuda" and cuda_scan_available())
+        self.share_prompt_prefix = share_prompt_prefix
 
     def _rollout_seed(self) -> int:
         """A seed from (run seed, global step, rollouts so far at this step): the same after a resume, and the same
@@ -299,9 +309,16 @@ class HybridGRPOTrainer(GRPOTrainer):
             and input_ids.shape[0] == self._served_logps.shape[0]
         )
         if not serve:
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )
+            hybrid = find_hybrid(model)
+            prompt_width = input_ids.shape[1] - logits_to_keep  # TRL scores the completion, the last logits_to_keep
+            if not self.share_prompt_prefix or hybrid is None or prompt_width < 1:
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                )
+            with hybrid.model.sharing_prefix(prompt_width):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                )
         self._metrics["train" if self.model.training else "eval"]["rollout/old_logps_served"].append(1.0)
         served = self._served_logps.to(input_ids.device)
         logps = served.new_zeros(served.shape[0], logits_to_keep)

@@ -126,6 +126,39 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tmp_path, loss
         torch.testing.assert_close(skipped[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_sharing_the_prompt_prefix_leaves_the_update_unchanged(tmp_path, monkeypatch):
+    """The training forward over G rows per prompt, run with each prompt once (share_prompt_prefix), trains to the
+    same parameters as TRL's forward over every row; the spy confirms the shared path was taken. SGD: Adam would
+    amplify float rounding on near-zero gradient entries into visible differences."""
+    from h1rl.models.modeling import HybridModel
+
+    calls = []
+    original = HybridModel._forward_sharing_prefix
+    monkeypatch.setattr(HybridModel, "_forward_sharing_prefix",
+                        lambda self, *args: calls.append(len(args[-2])) or original(self, *args))
+    tokenizer = tiny_tokenizer()
+    results = {}
+    for share in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(["t", "m2", "m2"], vocab_size=len(tokenizer)).train()
+        args = grpo_args(tmp_path / str(share), max_steps=3, gradient_checkpointing=False, optim="sgd",
+                         learning_rate=0.5)
+        trainer = HybridGRPOTrainer(
+            model=model, reward_funcs=distinct_words, args=args, train_dataset=prompts_dataset(),
+            processing_class=tokenizer, share_prompt_prefix=share,
+        )
+        trainer.train()
+        assert bool(calls) == share
+        results[share] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert set(calls) == {1}  # one distinct prompt (of 4 rows, shuffled by TRL) per training batch
+    torch.manual_seed(0)
+    start = dict(tiny_model(["t", "m2", "m2"], vocab_size=len(tokenizer)).named_parameters())
+    for name, plain in results[False].items():
+        moved = (plain - start[name]).abs().max()
+        assert moved > 0, name
+        assert (results[True][name] - plain).abs().max() <= 1e-4 * moved, name
+
+
 def test_merge_rows_repads_prompts_left_and_completions_right():
     from h1rl.rl.trainer import merge_rows
 
