@@ -32,7 +32,8 @@ count (`loss_type` "dapo", TRL's default, "cispo" or "vespo"), `beta` is 0 and n
 `skip_zero_advantage_rows=True` (the default) the training forward and backward then run on the other rows only:
 the same gradient up to float summation order, for the compute of the rows that carry signal only. Where the
 conditions do not hold every row is trained on, as in TRL. The entropy and clip-ratio logs then cover the trained
-rows; `train/rows_trained` logs the fraction kept.
+rows; `train/rows_trained` logs the fraction kept. With several processes each keeps as many rows as the one
+that keeps the most (TRL gathers per-row metrics, which needs equal counts).
 
 And one more: TRL's training forward runs each of a prompt's G rows over the whole prompt again. With
 `share_prompt_prefix` (default: on, except on a GPU with mamba-ssm's scan kernel, which cannot start from a state)
@@ -283,14 +284,19 @@ class HybridGRPOTrainer(GRPOTrainer):
         if not self.skip_zero_advantage_rows or not self.model.training:
             return super()._compute_loss(model, inputs)
         advantages = inputs["advantages"]  # (R,) or (R, L)
-        keep = (advantages != 0).reshape(advantages.shape[0], -1).any(1)  # (R,)
-        # an all-tied micro-batch still runs one (inert) row: every process must run a forward and backward (DDP, ZeRO)
-        keep[0] = keep[0] | ~keep.any()
         rows = advantages.shape[0]
-        self._metrics["train"]["train/rows_trained"].append(float(keep.sum()) / rows)
-        if bool(keep.all()):
+        carries = (advantages != 0).reshape(rows, -1).any(1)  # (R,)
+        # Every process keeps as many rows as the process that keeps the most (at least one): TRL gathers per-row
+        # metrics across processes, which needs equal row counts, and every process must run a forward and backward
+        # (DDP, ZeRO). The rows added back are zero-advantage rows, so the loss is unchanged.
+        count = int(carries.sum().clamp(min=1))
+        if self.accelerator.num_processes > 1:
+            count = int(self.accelerator.gather(torch.tensor([count], device=advantages.device)).max())
+        self._metrics["train"]["train/rows_trained"].append(count / rows)
+        if count == rows:
             return super()._compute_loss(model, inputs)
-        index = keep.nonzero()[:, 0]
+        order = torch.argsort((~carries).to(torch.uint8), stable=True)  # rows with an advantage first, in order
+        index = order[:count].sort().values
         kept = {
             key: value.index_select(0, index.to(value.device))
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
