@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,8 +148,12 @@ def write_teacher_traces(cfg: DemoConfig, train_rows: list[dict]) -> dict[str, A
     return {"problems": len(train_rows), "kept": len(rows), "teacher_train_accuracy": results["accuracy"]}
 
 
+THROUGHPUT_REPEATS = 3  # timed runs of each model (after one warm-up run each); the median is reported
+
+
 def throughput(teacher_dir: str, hybrid_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, float]:
-    """Rollout tokens/s: the hybrid with the engine vs the teacher with `generate`, same prompts, G=8, no stops."""
+    """Rollout tokens/s: the hybrid with the engine vs the teacher with `generate`, same prompts, G=8, no stops;
+    median of THROUGHPUT_REPEATS alternating runs after a warm-up (one cold run swung the ratio from 1.5x to 0.9x)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,8 +167,11 @@ def throughput(teacher_dir: str, hybrid_dir: str, test_rows: list[dict], cfg: De
     hybrid = AutoModelForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     n = cfg.throughput_new_tokens
-    hybrid_tps, _ = time_engine(hybrid, prompts, 8, n)
-    teacher_tps = time_generate(teacher, prompts, 8, n, static=True)
+    hybrid_runs, teacher_runs = [], []
+    for _ in range(1 + THROUGHPUT_REPEATS):  # alternating; the first pair only warms up (first-call costs)
+        hybrid_runs.append(time_engine(hybrid, prompts, 8, n)[0])
+        teacher_runs.append(time_generate(teacher, prompts, 8, n, static=True))
+    hybrid_tps, teacher_tps = statistics.median(hybrid_runs[1:]), statistics.median(teacher_runs[1:])
     return {"hybrid_tok_s": hybrid_tps, "teacher_tok_s": teacher_tps, "speedup": hybrid_tps / teacher_tps}
 
 

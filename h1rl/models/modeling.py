@@ -223,7 +223,6 @@ class HybridModel(HybridPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
 
-
     def _run_layers(self, hidden_states, position_embeddings, attention_mask, cache, decode_step=False,
                     all_hidden_states=None) -> torch.Tensor:
         """The decoder layers over hidden states (B, T, D); `all_hidden_states` collects each layer's input."""
