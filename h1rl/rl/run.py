@@ -116,7 +116,8 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def run_grpo(cfg: GRPORunConfig):
-    """Train per `cfg` (resuming if `cfg.output_dir` holds a checkpoint); returns the trainer."""
+    """Train per `cfg` (resuming if `cfg.output_dir` holds a checkpoint); returns the trainer, or None when the run in
+    `cfg.output_dir` is already complete (its last checkpoint at max_steps and its final model saved)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
@@ -145,6 +146,13 @@ def run_grpo(cfg: GRPORunConfig):
         args = GRPOConfig(output_dir=str(out), reward_weights=weights, **trl_kwargs)
     except TypeError as err:
         raise ValueError(f"trl: {err} (the trl mapping takes trl.GRPOConfig's fields)") from err
+
+    if resume is not None and (out / "final" / "config.json").exists() and 0 < args.max_steps <= int(
+        resume.name.split("-")[-1]
+    ):  # resuming would run one step past max_steps (transformers' Trainer does), then overwrite final/
+        logger.warning("%s is complete (%s, max_steps %d, final model in %s): nothing to do", out, resume.name,
+                       args.max_steps, out / "final")
+        return None
 
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").exists():

@@ -105,6 +105,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     straight = recipe(tmp_path, model, data, tmp_path / "straight", max_steps=4)
     killed = recipe(tmp_path, model, data, tmp_path / "killed", max_steps=4)
     run_cli(straight)
+    final = tmp_path / "straight" / "final" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    run_cli(straight)  # a complete run, run again: nothing to do (transformers would train one step past max_steps)
+    assert final.stat().st_mtime_ns == stamp and not (tmp_path / "straight" / "checkpoint-5").exists()
     assert run_cli(killed, kill_when=tmp_path / "killed" / "checkpoint-2") == -signal.SIGKILL
     assert not (tmp_path / "killed" / "final").exists()
     first = tmp_path / "killed" / "checkpoint-1" / "trainer_state.json"
