@@ -30,7 +30,7 @@ Also beyond TRL, and exact: rows whose advantage is exactly zero (every row of a
 rewards) contribute exactly zero to the loss and its gradient when the loss is normalised by the batch's token
 count (`loss_type` "dapo", TRL's default, "cispo" or "vespo"), `beta` is 0 and no entropy term is in play. With
 `skip_zero_advantage_rows=True` (the default) the training forward and backward then run on the other rows only:
-the same gradient up to float summation order, for the compute of the rows that carry signal only. Where the
+the same gradient up to float summation order, for the compute of the rows that carry a signal. Where the
 conditions do not hold every row is trained on, as in TRL. The entropy and clip-ratio logs then cover the trained
 rows; `train/rows_trained` logs the fraction kept. With several processes each keeps as many rows as the one
 that keeps the most (TRL gathers per-row metrics, which needs equal counts).
@@ -49,6 +49,7 @@ processes draws the same completions as one process holding the whole global bat
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -317,11 +318,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         if not serve:
             hybrid = find_hybrid(model)
             prompt_width = input_ids.shape[1] - logits_to_keep  # TRL scores the completion, the last logits_to_keep
-            if not self.share_prompt_prefix or hybrid is None or prompt_width < 1:
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-                )
-            with hybrid.model.sharing_prefix(prompt_width):
+            share = self.share_prompt_prefix and hybrid is not None and prompt_width >= 1
+            with hybrid.model.sharing_prefix(prompt_width) if share else nullcontext():
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
                 )
