@@ -139,9 +139,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._rollouts_at_step = 0
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
-        if share_prompt_prefix is None:  # auto: mamba-ssm's CUDA scan has no initial state (it would fall back)
-            share_prompt_prefix = not (base.device.type == "cuda" and cuda_scan_available())
-        self.share_prompt_prefix = share_prompt_prefix
+        self.share_prompt_prefix = share_prompt_prefix  # None: decided per call, where the tensors are (see below)
 
     def _rollout_seed(self) -> int:
         """A seed from (run seed, global step, rollouts so far at this step): the same after a resume, and the same
@@ -318,7 +316,10 @@ class HybridGRPOTrainer(GRPOTrainer):
         if not serve:
             hybrid = find_hybrid(model)
             prompt_width = input_ids.shape[1] - logits_to_keep  # TRL scores the completion, the last logits_to_keep
-            share = self.share_prompt_prefix and hybrid is not None and prompt_width >= 1
+            share = self.share_prompt_prefix
+            if share is None:  # auto: mamba-ssm's CUDA scan takes no initial state (the continuation would fall back)
+                share = not (input_ids.is_cuda and cuda_scan_available())
+            share = share and hybrid is not None and prompt_width >= 1
             with hybrid.model.sharing_prefix(prompt_width) if share else nullcontext():
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
