@@ -4,8 +4,8 @@ One YAML file maps one to one onto `GRPORunConfig` (through `h1rl.config_io`: un
 dotted key). The optimisation and sampling knobs are TRL's own: the `trl` mapping is passed to `trl.GRPOConfig`
 unchanged, so every field TRL documents works here and a misspelt one is refused by name. h1rl adds only what TRL
 does not know: where the model and data come from, which built-in rewards to use with which weights, LoRA
-targets that include the Mamba projections, dynamic sampling, skipping zero-advantage rows, and
-prompt-prefix sharing in the training forward.
+targets that include the Mamba projections, dynamic sampling, and three exact savings in the training forward
+(skipping zero-advantage rows, prompt-prefix sharing, splitting rows by length).
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ class GRPORunConfig:
     # run each distinct prompt once in the training forward, its G rows continuing from its state (None: auto, on
     # except on a GPU with mamba-ssm's scan kernel; see HybridGRPOTrainer)
     share_prompt_prefix: bool | None = None
+    # split the training forward into at most this many groups of rows of similar length, each trimmed to its own
+    # longest row (1: one forward, trimmed to the batch's longest row; see HybridGRPOTrainer)
+    length_chunks: int = 4
     trl: dict[str, Any] = field(default_factory=dict)  # any trl.GRPOConfig field, e.g. learning_rate, beta
 
     def __post_init__(self):

@@ -41,6 +41,14 @@ it runs under `HybridModel.sharing_prefix`: each distinct prompt once, each row 
 state, with gradients flowing back through that state. Same log-probs and gradients up to float rounding
 (`tests/models/test_shared_prefix.py`), for the prompt's compute divided by G.
 
+And a third: TRL pads every completion of the batch to the longest one and runs one forward over the padded
+rectangle, so with RL's spread of completion lengths much of that forward (and backward) computes padding. The
+training forward here runs over at most `length_chunks` (default 4) groups of rows of similar length, each trimmed
+to its own longest row and first prompt column (`plan_length_chunks` picks the groups that leave the fewest
+positions; `train/forward_positions` logs the fraction of the rectangle computed). A causal model's log-probs of
+a row do not depend on the padding after it nor on masked columns before it, so this is exact too
+(`tests/rl/test_length_chunks.py`); `length_chunks=1` still trims the batch to its own longest row.
+
 Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
 completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
 processes draws the same completions as one process holding the whole global batch.
@@ -95,6 +103,45 @@ def merge_rows(target: dict, source: dict, target_rows: range, source_rows: rang
     return merged
 
 
+def plan_length_chunks(lengths: torch.Tensor, max_chunks: int, tolerance: float = 0.05) -> list[torch.Tensor]:
+    """Split rows into at most `max_chunks` groups of similar length, so that a forward over each group trimmed to
+    its own longest row computes as few padded positions as possible.
+
+    `lengths` (R,) long: each row's length (its last real column + 1). Rows are sorted by length and cut into
+    contiguous groups by dynamic programming over the distinct lengths, minimising the positions computed
+    (sum over groups of rows x longest row); the fewest groups within `tolerance` of the best split's positions
+    (relative to one group) are chosen, since each extra forward costs time of its own; with `tolerance=0` that is
+    exactly min(`max_chunks`, distinct lengths) groups, since splitting a group of several lengths always saves
+    positions. Returns the row indices of each group (ascending within a group), shortest group first.
+    """
+    if max_chunks < 1:
+        raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
+    order = torch.argsort(lengths.cpu(), stable=True)  # (R,)
+    values, counts = torch.unique_consecutive(lengths.cpu()[order], return_counts=True)  # (U,), (U,)
+    U, K = values.numel(), min(max_chunks, values.numel())
+    if K == 1:
+        return [order.sort().values]
+    rows_before = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).double()  # (U+1,) rows with a shorter length
+    # cost[i, j]: positions computed by one group holding distinct lengths i..j-1 (its rows x its longest length)
+    i, j = torch.arange(U + 1)[:, None], torch.arange(U + 1)[None, :]
+    cost = (rows_before[None, :] - rows_before[:, None]) * values.double()[(j - 1).clamp(min=0)]  # (U+1, U+1)
+    cost = torch.where(i < j, cost, torch.full_like(cost, float("inf")))
+    best, cuts = [cost[0]], []  # best[k-1][j]: fewest positions covering lengths 0..j-1 with k groups
+    for _ in range(1, K):
+        total = best[-1][:, None] + cost  # (U+1, U+1): the first groups end at i, one more group covers i..j-1
+        value, arg = total.min(0)
+        best.append(value)
+        cuts.append(arg)
+    finals = torch.stack([b[U] for b in best])  # (K,)
+    k = int((finals - finals[-1] <= tolerance * finals[0]).nonzero()[0]) + 1  # fewest groups near the best
+    bounds, j = [U], U
+    for level in range(k - 1, 0, -1):
+        j = int(cuts[level - 1][j])
+        bounds.append(j)
+    bounds = [int(rows_before[b]) for b in reversed(bounds)]  # row offsets into `order`: 0 = bounds[0] < ... = R
+    return [order[a:b].sort().values for a, b in zip([0] + bounds[:-1], bounds) if b > a]
+
+
 def _pad_to(t: torch.Tensor, width: int, left: bool) -> torch.Tensor:
     missing = width - t.shape[1]
     if missing == 0:
@@ -111,7 +158,8 @@ class HybridGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
-                 skip_zero_advantage_rows: bool = True, share_prompt_prefix: bool | None = None, **kwargs: Any):
+                 skip_zero_advantage_rows: bool = True, share_prompt_prefix: bool | None = None,
+                 length_chunks: int = 4, **kwargs: Any):
         # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
         # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -119,6 +167,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         super().__init__(model, funcs if isinstance(reward_funcs, list) else funcs[0], *args, **kwargs)
         if dynamic_sampling_rounds < 0:
             raise ValueError(f"dynamic_sampling_rounds must be >= 0, got {dynamic_sampling_rounds}")
+        if length_chunks < 1:
+            raise ValueError(f"length_chunks must be >= 1, got {length_chunks}")
         local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
         if dynamic_sampling_rounds and self.accelerator.num_processes > 1 and local_rows % self.num_generations:
             raise ValueError(
@@ -140,6 +190,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
         self.share_prompt_prefix = share_prompt_prefix  # None: decided per call, where the tensors are (see below)
+        self.length_chunks = length_chunks
 
     def _rollout_seed(self) -> int:
         """A seed from (run seed, global step, rollouts so far at this step): the same after a resume, and the same
@@ -314,19 +365,68 @@ class HybridGRPOTrainer(GRPOTrainer):
             and input_ids.shape[0] == self._served_logps.shape[0]
         )
         if not serve:
-            hybrid = find_hybrid(model)
-            prompt_width = input_ids.shape[1] - logits_to_keep  # TRL scores the completion, the last logits_to_keep
-            share = self.share_prompt_prefix
-            if share is None:  # auto: mamba-ssm's CUDA scan takes no initial state (the continuation would fall back)
-                share = not (input_ids.is_cuda and cuda_scan_available())
-            share = share and hybrid is not None and prompt_width >= 1
-            with hybrid.model.sharing_prefix(prompt_width) if share else nullcontext():
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-                )
+            return self._logps_by_length(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         self._metrics["train" if self.model.training else "eval"]["rollout/old_logps_served"].append(1.0)
         served = self._served_logps.to(input_ids.device)
         logps = served.new_zeros(served.shape[0], logits_to_keep)
         width = min(logits_to_keep, served.shape[1])
         logps[:, :width] = served[:, :width]
         return logps, None, None
+
+    def _logps_by_length(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's log-probs (and entropies) of the completion tokens, computed over groups of rows of similar length,
+        each trimmed to its own padding (`plan_length_chunks`; `length_chunks` groups at most), each under
+        `sharing_prefix` where that is on. Causal models make this exact: a row's log-probs do not depend on the
+        padding after it, nor on the columns before its prompt, which its attention mask hides and which are left
+        out of its position ids. Padding positions come back as 0."""
+        multimodal = {k: v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy", "compute_aux_loss")}
+        aux = kwargs.get("compute_aux_loss", False)
+        if args or aux or any(v is not None for v in multimodal.values()) or input_ids.shape[1] <= logits_to_keep:
+            # inputs TRL slices by row itself, an aux loss (averaged over forwards), no prompt: one forward, as TRL
+            return self._logps_sharing_prefix(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        R, width = input_ids.shape
+        prompt_width = width - logits_to_keep  # TRL scores the completion, the last logits_to_keep columns
+        columns = torch.arange(1, width + 1, device=attention_mask.device)
+        ends = torch.where(attention_mask.bool(), columns, 0).amax(1)  # (R,) last real column + 1
+        ends = ends.clamp(min=prompt_width + 1)
+        chunks = plan_length_chunks(ends, self.length_chunks)
+        if self.accelerator.num_processes > 1:
+            # every process must run as many forwards: DDP broadcasts buffers and ZeRO-3 gathers parameters in each
+            # one (unequal counts hang). Each process can split into as many groups as the one that splits least.
+            count = torch.tensor([len(chunks)], device=input_ids.device)
+            fewest = int(self.accelerator.gather(count).min())
+            if fewest != len(chunks):
+                chunks = plan_length_chunks(ends, fewest, tolerance=0.0)  # exactly `fewest` groups (see its doc)
+        logps, entropies, computed = [], [], 0
+        for rows in chunks:
+            rows = rows.to(input_ids.device)
+            mask = attention_mask.index_select(0, rows)  # (n, Tp + Tc)
+            used = mask.bool().any(0).nonzero()[:, 0]  # columns some row of the group needs
+            first = min(int(used[0]), prompt_width - 1) if used.numel() else prompt_width - 1  # >= 1 prompt column
+            end = max(int(used[-1]) + 1, prompt_width + 1) if used.numel() else prompt_width + 1  # >= 1 scored
+            keep = end - prompt_width  # completion columns of this group
+            lp, ent, _ = self._logps_sharing_prefix(
+                model, input_ids.index_select(0, rows)[:, first:end], mask[:, first:end], keep, *args, **kwargs
+            )
+            logps.append(_pad_to(lp, logits_to_keep, left=False))
+            entropies.append(None if ent is None else _pad_to(ent, logits_to_keep, left=False))
+            computed += rows.numel() * (end - first)
+        if self.model.training:
+            self._metrics["train"]["train/forward_positions"].append(computed / (R * width))
+        inverse = torch.argsort(torch.cat(chunks)).to(input_ids.device)  # back to the caller's row order
+        logps = torch.cat(logps).index_select(0, inverse)
+        entropies = None if entropies[0] is None else torch.cat(entropies).index_select(0, inverse)
+        return logps, entropies, None
+
+    def _logps_sharing_prefix(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's forward, under `HybridModel.sharing_prefix` when `share_prompt_prefix` says so for this batch."""
+        hybrid = find_hybrid(model)
+        prompt_width = input_ids.shape[1] - logits_to_keep
+        share = self.share_prompt_prefix
+        if share is None:  # auto: mamba-ssm's CUDA scan takes no initial state (the continuation would fall back)
+            share = not (input_ids.is_cuda and cuda_scan_available())
+        share = share and hybrid is not None and prompt_width >= 1
+        with hybrid.model.sharing_prefix(prompt_width) if share else nullcontext():
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
