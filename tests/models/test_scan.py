@@ -1,6 +1,7 @@
-"""Tests of h1rl/models/scan.py: every fast scan against the sequential reference (outputs, final state, gradients
-of all inputs), gradcheck of the torch backward, bf16 inputs, decode steps against the scan, and prefill
-continuation. Inputs are fresh random draws each run (no fixed seed); the seed is in the assertion message."""
+"""Tests of h1rl/models/scan.py and its C kernel (scan_kernel.py): every fast scan against the sequential reference
+(outputs, final state, gradients of all inputs), gradcheck of the torch backward, bf16 inputs, decode steps against
+the scan, and prefill continuation. Inputs are fresh random draws each run (no fixed seed); the seed is in the
+assertion message."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from h1rl.models import scan
+from h1rl.models import scan, scan_kernel
 from h1rl.models.scan import selective_scan, selective_scan_ref, selective_state_update
 
 FAST_IMPLS = ["torch", pytest.param("cpu_kernel", marks=pytest.mark.skipif(
@@ -70,7 +71,7 @@ def test_fast_impl_matches_reference(impl, shape, seed):
 def test_many_short_chunks(impl, seed, monkeypatch):
     """Chunks of 8 (torch) / 5 (kernel) steps: many checkpoints and a partial last chunk."""
     monkeypatch.setattr(scan, "_TORCH_CHUNK_ELEMS", 1)  # the torch path's minimum chunk, 8 steps
-    monkeypatch.setattr(scan, "_KERNEL_CHUNK", 5)
+    monkeypatch.setattr(scan_kernel, "_KERNEL_CHUNK", 5)
     shape = (2, 37, 3, 4, 5)
     inputs = make_inputs(*shape)
     dy, dsT = torch.randn(*shape[:4], dtype=torch.float64), torch.randn(shape[0], *shape[2:], dtype=torch.float64)
@@ -176,9 +177,9 @@ def test_non_contiguous_inputs(impl, seed):
 @pytest.mark.skipif(not scan.cpu_kernel_available(), reason="CPU kernel did not build here")
 def test_kernel_builds_once_under_concurrent_processes(tmp_path):
     """Three processes compile into the same empty cache at once: all load a kernel, one library remains."""
-    # load scan.py on its own (it needs only torch), so that the three interpreters start fast
+    # load scan_kernel.py on its own (it needs only torch), so that the three interpreters start fast
     code = (
-        f"import importlib.util as u; spec = u.spec_from_file_location('scan', {scan.__file__!r}); "
+        f"import importlib.util as u; spec = u.spec_from_file_location('scan_kernel', {scan_kernel.__file__!r}); "
         "m = u.module_from_spec(spec); spec.loader.exec_module(m); print(m.cpu_kernel_available())"
     )
     env = dict(os.environ, H1RL_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
@@ -189,25 +190,25 @@ def test_kernel_builds_once_under_concurrent_processes(tmp_path):
 
 
 def test_missing_gcc_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(scan.shutil, "which", lambda name: None)
+    monkeypatch.setattr(scan_kernel.shutil, "which", lambda name: None)
     monkeypatch.setenv("H1RL_CACHE_DIR", str(tmp_path / "empty"))
-    scan._cpu_kernel.cache_clear()
+    scan_kernel._cpu_kernel.cache_clear()
     try:
         x, dt, A, B, C, _ = make_inputs(1, 9, 2, 3, 4, dtype=torch.float32)
-        with caplog.at_level("WARNING", logger=scan.__name__):
+        with caplog.at_level("WARNING", logger=scan_kernel.__name__):
             for impl in ("auto", "cpu_kernel"):
                 y = selective_scan(x, dt, A, B, C, impl=impl)
                 assert rel_err(y, selective_scan_ref(x, dt, A, B, C)) < 1e-5
         assert len(caplog.records) == 1 and "gcc" in caplog.records[0].getMessage()
     finally:
-        scan._cpu_kernel.cache_clear()
+        scan_kernel._cpu_kernel.cache_clear()
 
 
 def test_kernel_disabled_by_env_falls_back(monkeypatch, tmp_path):
     """H1RL_DISABLE_CPU_KERNEL=1 means no compilation and the torch path; results are unchanged."""
     monkeypatch.setenv("H1RL_DISABLE_CPU_KERNEL", "1")
     monkeypatch.setenv("H1RL_CACHE_DIR", str(tmp_path))
-    scan._cpu_kernel.cache_clear()
+    scan_kernel._cpu_kernel.cache_clear()
     try:
         assert not scan.cpu_kernel_available()
         x, dt, A, B, C, _ = make_inputs(1, 9, 2, 3, 4, dtype=torch.float32)
@@ -216,4 +217,4 @@ def test_kernel_disabled_by_env_falls_back(monkeypatch, tmp_path):
         )
         assert not any(tmp_path.iterdir())
     finally:
-        scan._cpu_kernel.cache_clear()
+        scan_kernel._cpu_kernel.cache_clear()
