@@ -4,6 +4,7 @@
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
     h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
+                    [--length-chunks 4]
     h1rl bench memory [--gpus 16] [--seq-len 8192]     (or python -m h1rl.bench.memory --help for every knob)
     h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
     h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
@@ -45,7 +46,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
                            steps=args.repeats, hidden=args.hidden, layers=args.layers,
-                           gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device)
+                           gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device,
+                           length_chunks=args.length_chunks)
         return 0
     if args.what == "memory":
         from h1rl.bench.memory import main as memory_main
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="grpo: where both trainers run")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="grpo: turn off TRL's default activation recomputation (for both trainers)")
+    p.add_argument("--length-chunks", type=int, default=4, help="grpo: HybridGRPOTrainer's length_chunks")
     p.add_argument("--json", default=None, help="scan: also write the figures to this JSON file")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rollout: generated lengths")
     p.add_argument("--layers", type=int, default=8, help="rollout: layers of the teacher (half become m2)")

@@ -17,4 +17,7 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     assert all(key in results and "error" not in results[key] for key in sections)
     grpo = results["f_grpo_step"]
     assert grpo["settings"]["device"] == "cpu" and grpo["speedup"] > 0
-    assert set(grpo["step_s"]) == {"trl.GRPOTrainer (generate)", "h1rl HybridGRPOTrainer"}
+    hybrids = {"h1rl HybridGRPOTrainer", "h1rl, share_prompt_prefix on", "h1rl, share_prompt_prefix off",
+               "h1rl, length_chunks 1"}
+    assert set(grpo["step_s"]) == {"trl.GRPOTrainer (generate)"} | hybrids
+    assert set(grpo["speedups"]) == set(grpo["hybrid"]) == hybrids

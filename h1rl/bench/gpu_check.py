@@ -15,7 +15,9 @@ e. tokens/s: engine (eager, cuda_graph) vs `model.generate` on a hybrid of hidde
    cache, eager unless `--teacher-compile`) at `--lengths`. Later rows are skipped once `--budget-s` is spent;
 f. one GRPO step's wall time, `HybridGRPOTrainer` (engine) vs stock `trl.GRPOTrainer` (`model.generate`) on the
    same hybrid (hidden `--hidden`, `--layers`, half m2, float32) and `GRPOConfig`: `--batch` prompts x G,
-   256 new tokens (`h1rl bench grpo` on the GPU; issue #5's 2.5x target).
+   256 new tokens (`h1rl bench grpo` on the GPU; issue #5's 2.5x target); then the hybrid trainer again with
+   `share_prompt_prefix` forced on and off (is sharing worth the torch-scan continuation where mamba-ssm is
+   installed?) and with `length_chunks=1` (what grouping rows by length brings on a GPU).
 
 Each section runs on its own: an error is printed with its traceback, recorded in the JSON, and the next section
 runs. Without mamba-ssm / causal-conv1d the torch paths still run on the GPU, and the output says so.
@@ -420,8 +422,13 @@ def check_grpo_step(device: torch.device, args: argparse.Namespace) -> dict:
 
     print(f"\nf. GRPO step: HybridGRPOTrainer vs trl.GRPOTrainer on {device.type}")
     steps = 1 if args.cpu_smoke else 2
+    # the defaults, and the two training-pass savings toggled: prompt sharing is off by default on a GPU with
+    # mamba-ssm (its scan cannot continue from a state, so the rows' continuations would use the torch scan)
+    variants = {"share_prompt_prefix on": {"share_prompt_prefix": True},
+                "share_prompt_prefix off": {"share_prompt_prefix": False}, "length_chunks 1": {"length_chunks": 1}}
     return run_grpo_benchmark(new_tokens=args.grpo_new_tokens, generations=args.generations, prompts=args.batch,
-                              steps=steps, hidden=args.hidden, layers=args.layers, device=device.type)
+                              steps=steps, hidden=args.hidden, layers=args.layers, device=device.type,
+                              variants=variants)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ one warm-up step; the figure is the median of TRL's own `step_time` log, so gene
 forward/backward and the optimizer step are all counted. A few stop tokens give completions a spread of lengths
 (a random model stops after about `vocab / stops` tokens), as in RL.
 
-Run: `h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]`
+Run: `h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
+[--length-chunks 4]` (the last is HybridGRPOTrainer's `length_chunks`, to measure what splitting by length brings)
 """
 
 from __future__ import annotations
@@ -35,17 +36,22 @@ def distinct_words(completions, **kwargs):
     return [float(len(set(c.split()))) for c in completions]
 
 
-def time_trainer(trainer_cls, model, tokenizer, dataset, args) -> list[float]:
+def time_trainer(trainer_cls, model, tokenizer, dataset, args, **options) -> list[dict]:
+    """The log entry of every optimizer step (`step_time`, and `rollout/seconds` for the hybrid trainer)."""
     trainer = trainer_cls(model=model, reward_funcs=distinct_words, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, **options)
     trainer.train()
-    return [entry["step_time"] for entry in trainer.state.log_history if "step_time" in entry]
+    return [entry for entry in trainer.state.log_history if "step_time" in entry]
 
 
 def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int = 4, steps: int = 2,
                        hidden: int = 256, layers: int = 8, vocab: int = 512,
-                       gradient_checkpointing: bool = True, device: str = "cpu") -> dict:
-    """Median step wall time of both trainers on `device` ("cpu" or "cuda", float32), and the speed-up."""
+                       gradient_checkpointing: bool = True, device: str = "cpu", length_chunks: int = 4,
+                       variants: dict[str, dict] | None = None) -> dict:
+    """Median step wall time of both trainers on `device` ("cpu" or "cuda", float32), and the speed-up.
+
+    `variants`: more HybridGRPOTrainer settings to time in the same run, name -> its keyword arguments (the GPU
+    check uses it to see whether prompt sharing pays where mamba-ssm's scan cannot continue from a state)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -53,8 +59,12 @@ def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int
 
     tokenizer = word_tokenizer(vocab)
     dataset = Dataset.from_dict({"prompt": [" ".join(f"w{(7 * i + j) % 400}" for j in range(32)) for i in range(64)]})
-    results = {}
-    for name, cls in (("trl.GRPOTrainer (generate)", GRPOTrainer), ("h1rl HybridGRPOTrainer", HybridGRPOTrainer)):
+    runs = [("trl.GRPOTrainer (generate)", GRPOTrainer, {}),
+            ("h1rl HybridGRPOTrainer", HybridGRPOTrainer, {"length_chunks": length_chunks})]
+    runs += [(f"h1rl, {name}", HybridGRPOTrainer, {"length_chunks": length_chunks, **options})
+             for name, options in (variants or {}).items()]
+    results, hybrid_details = {}, {}
+    for name, cls, options in runs:
         _, hybrid = build_pair(hidden, layers, vocab, seed=0)
         hybrid.train()
         hybrid.generation_config.eos_token_id = list(range(1, 1 + vocab // 128))  # spread completion lengths
@@ -65,16 +75,26 @@ def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int
                 learning_rate=1e-5, logging_steps=1, report_to=[], save_strategy="no", seed=0, beta=0.0,
                 disable_tqdm=True, gradient_checkpointing=gradient_checkpointing,  # TRL's default: True
             )
-            times = time_trainer(cls, hybrid, tokenizer, dataset, args)[1:]  # drop the warm-up step
-        results[name] = statistics.median(times)
-    base, ours = results["trl.GRPOTrainer (generate)"], results["h1rl HybridGRPOTrainer"]
+            logs = time_trainer(cls, hybrid, tokenizer, dataset, args, **options)[1:]  # drop the warm-up step
+        results[name] = statistics.median(entry["step_time"] for entry in logs)
+        if cls is HybridGRPOTrainer:
+            hybrid_details[name] = {
+                "rollout_s": statistics.median(entry["rollout/seconds"] for entry in logs),
+                "forward_positions": statistics.median(entry.get("train/forward_positions", 1.0) for entry in logs),
+            }
+    base = results["trl.GRPOTrainer (generate)"]
     checkpointing = "on" if gradient_checkpointing else "off"
     print(f"GRPO step wall time, hidden {hidden}, {layers} layers (half m2), {prompts} prompts x G={generations}, "
           f"up to {new_tokens} new tokens, {device}, gradient checkpointing {checkpointing}, "
-          f"torch threads {torch.get_num_threads()} (median of {steps} steps)")
+          f"h1rl length_chunks {length_chunks}, torch threads {torch.get_num_threads()} (median of {steps} steps)")
     for name, seconds in results.items():
-        print(f"  {name:<30} {seconds:8.2f} s")
-    print(f"  speedup {base / ours:.2f}x")
+        detail = hybrid_details.get(name)
+        extra = "" if detail is None else (f"  {base / seconds:.2f}x  (rollout {detail['rollout_s']:.2f} s; training "
+                                           f"pass over {detail['forward_positions']:.0%} of TRL's padded positions)")
+        print(f"  {name:<30} {seconds:8.2f} s{extra}")
     settings = dict(new_tokens=new_tokens, generations=generations, prompts=prompts, steps=steps, hidden=hidden,
-                    layers=layers, vocab=vocab, gradient_checkpointing=gradient_checkpointing, device=device)
-    return {"step_s": results, "speedup": base / ours, "settings": settings}
+                    layers=layers, vocab=vocab, gradient_checkpointing=gradient_checkpointing, device=device,
+                    length_chunks=length_chunks)
+    return {"step_s": results, "hybrid": hybrid_details, "speedup": base / results["h1rl HybridGRPOTrainer"],
+            "speedups": {name: base / seconds for name, seconds in results.items() if name in hybrid_details},
+            "settings": settings}

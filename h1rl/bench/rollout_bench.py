@@ -1,6 +1,7 @@
 """`h1rl bench rollout`: rollout speed and decode memory, measured side by side in one run.
 
-Three comparisons, sampling at temperature 1:
+First what one decode step costs by active rows (the floor under what dropping finished rows can save), then
+three comparisons, sampling at temperature 1:
 1. engine vs `generate` on the same hybrid (half its layers m2): B prompts x G generations, up to N new tokens,
    (a) with no stop tokens, every row generating all N tokens, and (b) with a few stop tokens, so that completion
    lengths spread as in RL (a random model stops after ~`vocab / stops` tokens on average); `generate` keeps
@@ -86,6 +87,22 @@ def teacher_cache_bytes_per_sequence(teacher, seq_len: int) -> int:
     return per_token * seq_len
 
 
+def decode_step_ms(model, rows: int, context: int = 64, steps: int = 30) -> float:
+    """Milliseconds of one eager decode step (the model's forward with a cache) for `rows` rows after a `context`-token
+    prefill: median of `steps` steps after 3 warm-up steps."""
+    vocab = model.config.vocab_size
+    cache = model.allocate_cache(rows, context + steps + 4)
+    times = []
+    with torch.no_grad():
+        model(torch.randint(1, vocab, (rows, context)), cache=cache, use_cache=True, logits_to_keep=1)
+        tokens = torch.randint(1, vocab, (rows, 1))
+        for i in range(steps + 3):
+            start = time.perf_counter()
+            model(tokens, position_ids=torch.full((rows, 1), context + i), cache=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times[3:])[steps // 2]
+
+
 def run_rollout_benchmark(
     lengths: list[int] = (1024, 2048, 4096), hidden: int = 256, layers: int = 8, vocab: int = 512,
     batch: int = 4, generations: int = 8, prompt_len: int = 64, engine_vs_generate_tokens: int = 512,
@@ -100,6 +117,13 @@ def run_rollout_benchmark(
     N = engine_vs_generate_tokens
     print(f"hidden {hidden}, {layers} layers (hybrid: {hybrid.config.hybrid_block_layout}), "
           f"{batch} prompts x G={generations}, prompt {prompt_len} tokens, torch threads {torch.get_num_threads()}")
+
+    # 0. what one decode step costs by active rows: the floor under the engine's savings on finished rows
+    R = batch * generations
+    counts = sorted({1, max(1, R // 8), R})
+    results["decode_step_ms"] = {n: decode_step_ms(hybrid, n) for n in counts}
+    print("\n0. one decode step of the hybrid (eager), by active rows: "
+          + ", ".join(f"{n} rows {ms:.1f} ms" for n, ms in results["decode_step_ms"].items()))
 
     # 1. engine vs generate on the same hybrid, fixed and spread lengths
     stops = list(range(1, 1 + max(1, vocab // 128)))  # ~1/128 stop chance a token: mean length ~128
