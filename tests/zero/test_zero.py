@@ -107,7 +107,10 @@ def grpo_world(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     model = tiny_model(["t", "m2", "m2"], vocab_size=len(tokenizer))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # the digits stop a completion too: lengths spread, so the training pass splits rows by length (length_chunks)
+    # and the processes must agree on how many forwards they run (DDP and ZeRO-3 hang otherwise)
+    digits = tokenizer.convert_tokens_to_ids(list("0123456789"))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *digits]
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     rows = [{"question": f"what is {i} + {i}", "answer": str(2 * i)} for i in range(16)]
