@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import MappingProxyType
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -116,6 +117,10 @@ class HybridConfig(MistralConfig):
     """
 
     model_type = "h1rl_hybrid"
+    # No remote code: h1rl registers its classes with the Auto classes on import. Loaders that look up
+    # `config.auto_map` for an architecture transformers does not know (TRL's reference model, beta > 0) read this
+    # empty map and fall back to AutoModelForCausalLM; a checkpoint's own auto_map (Apriel-H1's) overrides it.
+    auto_map = MappingProxyType({})
 
     hybrid_block_layout: list[str] | None = None
     ssm_cfg: dict | None = None

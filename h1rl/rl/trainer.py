@@ -254,7 +254,12 @@ class HybridGRPOTrainer(GRPOTrainer):
 
     def _score_one_round(self, inputs):
         self._served_logps = None
-        self._serve_old_logps = True
+        # TRL asks for the old policy's log-probs only when generation and optimizer steps are misaligned (its
+        # condition in _generate_and_score_completions; vLLM is refused here), and then before anything else. The
+        # next policy call of the round, under PEFT with beta > 0, is the reference model (adapter disabled): that
+        # one must run the forward, so the engine's log-probs are served once, and only when asked for.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self._serve_old_logps = self.args.gradient_accumulation_steps % generate_every != 0
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -366,6 +371,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         )
         if not serve:
             return self._logps_by_length(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        self._serve_old_logps = False  # once per round (see _score_one_round)
         self._metrics["train" if self.model.training else "eval"]["rollout/old_logps_served"].append(1.0)
         served = self._served_logps.to(input_ids.device)
         logps = served.new_zeros(served.shape[0], logits_to_keep)
@@ -380,23 +386,32 @@ class HybridGRPOTrainer(GRPOTrainer):
         padding after it, nor on the columns before its prompt, which its attention mask hides and which are left
         out of its position ids. Padding positions come back as 0."""
         multimodal = {k: v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy", "compute_aux_loss")}
-        aux = kwargs.get("compute_aux_loss", False)
-        if args or aux or any(v is not None for v in multimodal.values()) or input_ids.shape[1] <= logits_to_keep:
-            # inputs TRL slices by row itself, an aux loss (averaged over forwards), no prompt: one forward, as TRL
+        if args or kwargs.get("compute_aux_loss", False) or any(v is not None for v in multimodal.values()):
+            # inputs TRL slices by row itself, or an aux loss (averaged over forwards): one forward, as TRL
             return self._logps_sharing_prefix(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         R, width = input_ids.shape
         prompt_width = width - logits_to_keep  # TRL scores the completion, the last logits_to_keep columns
         columns = torch.arange(1, width + 1, device=attention_mask.device)
-        ends = torch.where(attention_mask.bool(), columns, 0).amax(1)  # (R,) last real column + 1
-        ends = ends.clamp(min=prompt_width + 1)
-        chunks = plan_length_chunks(ends, self.length_chunks)
-        if self.accelerator.num_processes > 1:
+        ends = torch.where(attention_mask.bool(), columns, 0).amax(1).clamp(min=prompt_width + 1)  # (R,) last real + 1
+        batch_size = kwargs.get("batch_size")
+        if prompt_width < 1:
+            chunks = None  # no prompt column to keep: one forward, as TRL
+        elif batch_size:
+            # TRL caps each forward at batch_size rows (its no-grad old and reference log-probs): as many forwards
+            # as TRL runs, so every process runs the same count, each over rows of similar length
+            order = torch.argsort(ends.cpu(), stable=True)
+            chunks = [order[i : i + batch_size].sort().values for i in range(0, R, batch_size)]
+        else:
+            chunks = plan_length_chunks(ends, self.length_chunks)
+        if not batch_size and self.accelerator.num_processes > 1:
             # every process must run as many forwards: DDP broadcasts buffers and ZeRO-3 gathers parameters in each
             # one (unequal counts hang). Each process can split into as many groups as the one that splits least.
-            count = torch.tensor([len(chunks)], device=input_ids.device)
-            fewest = int(self.accelerator.gather(count).min())
-            if fewest != len(chunks):
+            count = 1 if chunks is None else len(chunks)
+            fewest = int(self.accelerator.gather(torch.tensor([count], device=input_ids.device)).min())
+            if fewest != count:
                 chunks = plan_length_chunks(ends, fewest, tolerance=0.0)  # exactly `fewest` groups (see its doc)
+        if chunks is None:
+            return self._logps_sharing_prefix(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         logps, entropies, computed = [], [], 0
         for rows in chunks:
             rows = rows.to(input_ids.device)
@@ -411,7 +426,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             logps.append(_pad_to(lp, logits_to_keep, left=False))
             entropies.append(None if ent is None else _pad_to(ent, logits_to_keep, left=False))
             computed += rows.numel() * (end - first)
-        if self.model.training:
+        if self.model.training and torch.is_grad_enabled():  # the training pass (TRL's other forwards are no-grad)
             self._metrics["train"]["train/forward_positions"].append(computed / (R * width))
         inverse = torch.argsort(torch.cat(chunks)).to(input_ids.device)  # back to the caller's row order
         logps = torch.cat(logps).index_select(0, inverse)

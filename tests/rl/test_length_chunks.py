@@ -109,3 +109,33 @@ def test_no_tolerance_gives_as_many_groups_as_asked_or_as_distinct_lengths():
         lengths = torch.randint(1, 12, (int(torch.randint(1, 16, (1,), generator=generator)),), generator=generator)
         for k in range(1, 6):
             assert len(plan_length_chunks(lengths, k, tolerance=0.0)) == min(k, lengths.unique().numel())
+
+
+def test_forwards_capped_by_batch_size_run_as_many_as_trl(tmp_path, monkeypatch):
+    """TRL's no-grad old and reference log-probs pass batch_size: the split then runs ceil(rows / batch_size)
+    forwards like TRL (so that processes under ZeRO-3 run equally many, whatever their lengths; grouping by length
+    alone would run 3 here), each over rows of similar length, with TRL's log-probs."""
+    from trl import GRPOTrainer
+
+    from h1rl.models.modeling import HybridModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(["t", "m2"], vocab_size=len(tokenizer)).eval()
+    R, Tp, Tc = 8, 3, 9
+    ids = torch.randint(4, len(tokenizer), (R, Tp + Tc))
+    mask = torch.ones(R, Tp + Tc, dtype=torch.long)
+    for r, c in enumerate([9, 1, 1, 2, 9, 1, 9, 1]):
+        mask[r, Tp + c :] = 0
+    shapes = []
+    original = HybridModel.forward
+    monkeypatch.setattr(HybridModel, "forward", lambda self, input_ids=None, **kw: shapes.append(input_ids.shape)
+                        or original(self, input_ids=input_ids, **kw))
+    trainer = trainer_for(model, tokenizer, tmp_path, 4)
+    with torch.no_grad():
+        plain = GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, mask, Tc, batch_size=4)[0]
+        shapes.clear()
+        split = trainer._get_per_token_logps_and_entropies(model, ids, mask, Tc, batch_size=4)[0]
+    assert sorted(tuple(s) for s in shapes) == [(4, Tp + 1), (4, Tp + Tc)], shapes  # 2 forwards, as TRL
+    completion = mask[:, Tp:].bool()
+    torch.testing.assert_close(split[completion], plain[completion], rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 
+from h1rl.models import HybridForCausalLM
 from h1rl.rl.trainer import HybridGRPOTrainer, group_consecutive
 
 
@@ -73,6 +74,30 @@ def test_grpo_with_lora_trains_adapters_only(tmp_path):
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[n])]
     assert len(changed) == len(adapters), sorted(set(adapters) - set(changed))
+
+
+@pytest.mark.parametrize("lora, steps_per_generation", [(False, 1), (True, 1), (True, 2)])
+def test_kl_is_measured_against_the_reference_model(tmp_path, lora, steps_per_generation):
+    """beta > 0: the reference is TRL's (a copy loaded from the checkpoint, or the base model with the LoRA adapter
+    disabled), never the engine's log-probs of the current policy, which would make the KL exactly 0. With
+    steps_per_generation 2, TRL asks for the old policy's log-probs too: those alone are served, once per batch."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tiny_model(["t", "m2"], vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    model = HybridForCausalLM.from_pretrained(tmp_path / "model").train()  # TRL loads its reference from this path
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "out_proj", "q_proj", "v_proj"]) if lora else None
+    args = grpo_args(tmp_path / "run", beta=0.5, max_steps=4, learning_rate=5e-2,
+                     steps_per_generation=steps_per_generation)
+    trainer = HybridGRPOTrainer(model=model, reward_funcs=distinct_words, args=args, train_dataset=prompts_dataset(),
+                                processing_class=tokenizer, peft_config=peft)
+    assert (trainer.ref_model is None) == lora
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "kl" in e]
+    assert len(logs) == 4 and logs[-1]["kl"] > 1e-4, logs  # the policy moved away from its reference
+    served = [e.get("rollout/old_logps_served", 0.0) for e in logs]
+    assert served == ([1.0, 0.0, 1.0, 0.0] if steps_per_generation == 2 else [0.0] * 4), served
 
 
 def first_token_parity(completion_ids, **kwargs):

@@ -164,6 +164,20 @@ def test_other_launchers_give_the_same_run(grpo_reference, launcher):
     check_ranks(ranks, reference, start)
 
 
+def test_grpo_with_a_reference_model_under_zero3(grpo_reference):
+    """beta > 0 (TRL loads a reference model from the checkpoint) and gradient accumulation (TRL computes the
+    reference log-probs in forwards of batch_size rows): both processes run equally many forwards whatever their
+    completion lengths (unequal counts hung ZeRO-3's parameter gathers), and the run equals one process."""
+    root, recipe, _, start = grpo_reference
+    settings = ["trl.beta=0.04", "trl.gradient_accumulation_steps=2"]
+    single("grpo", recipe, f"output_dir={root / 'kl_single'}", *settings)
+    reference = load_file(root / "kl_single" / "final" / "model.safetensors")
+    ranks = launch("grpo", recipe, root / "kl_report", f"output_dir={root / 'kl_zero3'}", "trl.deepspeed=zero3",
+                   "trl.per_device_train_batch_size=4", *settings)
+    check_ranks(ranks, reference, start)
+    assert any(e.get("kl", 0.0) > 0 for e in ranks[0]["log_history"])
+
+
 def test_dynamic_sampling_with_two_processes(grpo_reference):
     """Each process refills its own tied groups; both run the same rounds (TRL gathers across them) and stay equal."""
     root, recipe, _, start = grpo_reference
