@@ -85,10 +85,11 @@ class VerifierPool:
         # A check is a function of its task alone, so identical tasks (G samples of one prompt often agree) are
         # sent once and share the result, a timeout included.
         keys = [json.dumps(task, sort_keys=True) for task in tasks]
-        slot: dict[str, int] = {}
-        for key in keys:
-            slot.setdefault(key, len(slot))
-        distinct = [json.loads(key) for key in slot]
+        first_of: dict[str, dict] = {}
+        for key, task in zip(keys, tasks):
+            first_of.setdefault(key, task)
+        slot = {key: i for i, key in enumerate(first_of)}
+        distinct = list(first_of.values())
         with self._lock:
             try:
                 results = self._run(distinct)
