@@ -1,11 +1,31 @@
 """Token sampling for the rollout engine: settings, logit processing, and the log-probs handed to the trainer.
 
 `SamplingParams` carries the usual knobs (temperature, top-k, top-p, min-p, repetition penalty, stop tokens, seed).
-`sample_next` draws one token per row and returns its log-prob under the *policy the trainer optimises*:
-`log_softmax(logits / temperature)`, before truncation (top-k/p, min-p) and repetition penalty. That is the
-quantity TRL's GRPO recomputes with a full forward pass (it scales logits by the temperature and applies nothing
-else), so rollout and training log-probs agree; truncation and penalties change only which token is drawn.
-Greedy decoding (temperature 0) returns `log_softmax(logits)` of the argmax token.
+`next_token_probs` turns last-position logits into the next-token distribution exactly as transformers' `generate`
+does (TRL's non-vLLM path: `model.generate` with a GenerationConfig carrying these settings), in transformers' order
+(`GenerationMixin._get_logits_processor`, transformers 5.24), all in float32 with -inf for dropped tokens:
+
+1. repetition penalty (`RepetitionPenaltyLogitsProcessor`): every id in the history scores `l / penalty` if `l >= 0`
+   and `l * penalty` if `l < 0`, once however often it occurs. Ids outside [0, V) are ignored, which is how a caller
+   leaves out prompt padding: `generate` skips a prompt's left padding (its `prompt_ignore_length`, read off the
+   attention mask), while a pad id inside [0, V) is penalised here like any other id.
+2. temperature (`TemperatureLogitsWarper`): `l / temperature`.
+3. top-k (`TopKLogitsWarper`): drop tokens below the k-th largest score; ties with it are kept; k >= V is off.
+4. top-p (`TopPLogitsWarper`): sort ascending, drop tokens whose cumulative probability (from the least likely up)
+   is <= 1 - top_p; the most likely token is always kept (`min_tokens_to_keep=1`), so the token that crosses top_p
+   stays. Probabilities here are those left after top-k.
+5. min-p (`MinPLogitsWarper`): drop tokens whose probability (after temperature, top-k and top-p) is below
+   min_p * the largest one. The largest always survives since `SamplingParams` keeps min_p < 1.
+
+Steps 2-5 are the sampling warpers; greedy decoding (temperature 0) is `generate(do_sample=False)`: the argmax after
+step 1 (first index on ties). Off values skip a step: top_k 0, top_p 1, min_p 0, repetition_penalty 1. Only top-p
+sorts the vocabulary, so a step costs at most one sort.
+
+`sample_next` draws one token per row from that distribution by inverse CDF (one uniform per row) and returns its
+log-prob under the *policy the trainer optimises*: `log_softmax(logits / temperature)`, before the penalty and the
+truncation (top-k/p, min-p). That is the quantity TRL's GRPO recomputes with a full forward pass (it scales logits by
+the temperature and applies nothing else), so rollout and training log-probs agree; penalty and truncation change only
+which token is drawn. Greedy decoding returns `log_softmax(logits)` of the argmax token.
 """
 
 from __future__ import annotations
@@ -56,28 +76,60 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits (n, V), history (n, S) token ids (pad ids included are harmless only if pad never scores): as HF."""
-    score = logits.gather(1, history)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits.scatter(1, history, score)
+    """logits (n, V), history (n, S) token ids: `RepetitionPenaltyLogitsProcessor`; ids outside [0, V) are ignored."""
+    V = logits.shape[-1]
+    ids = history.masked_fill((history < 0) | (history >= V), V)  # (n, S) out-of-vocabulary ids -> spare column V
+    seen = torch.zeros(logits.shape[0], V + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.scatter_(1, ids, True)[:, :V]  # (n, V)
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Apply top-k, top-p and min-p to temperature-scaled logits (n, V): dropped tokens get -inf."""
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+    """Top-k, then top-p, then min-p on temperature-scaled logits (n, V), as transformers: dropped tokens get -inf."""
+    V = logits.shape[-1]
+    if 0 < params.top_k < V:  # TopKLogitsWarper
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (n, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.min_p > 0:
-        probs = logits.softmax(-1)
-        threshold = params.min_p * probs.max(-1, keepdim=True).values
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    if params.top_p < 1:  # TopPLogitsWarper: ascending sort, drop the low tail of mass <= 1 - top_p, keep the top
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)  # (n, V)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - params.top_p  # (n, V)
+        drop_sorted[:, -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if params.min_p > 0:  # MinPLogitsWarper (its keep-the-top step is a no-op for min_p < 1)
+        probs = logits.softmax(-1)  # (n, V)
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
+
+
+def process_logits(
+    logits: torch.Tensor,  # (n, V) last-position logits, any float dtype
+    params: SamplingParams,
+    history: torch.Tensor | None = None,  # (n, S) ids seen so far, for the repetition penalty
+) -> torch.Tensor:
+    """The scores (n, V) float32 that transformers samples from (softmax) or takes the argmax of (greedy)."""
+    scores = logits.float()
+    if params.repetition_penalty != 1.0 and history is not None:
+        scores = apply_repetition_penalty(scores, history, params.repetition_penalty)
+    if params.greedy:
+        return scores
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    return truncate(scores, params)
+
+
+def next_token_probs(
+    logits: torch.Tensor,  # (n, V)
+    params: SamplingParams,
+    history: torch.Tensor | None = None,  # (n, S)
+) -> torch.Tensor:
+    """The distribution (n, V) float32 that `sample_next` draws from: transformers' (see the module docstring).
+
+    Greedy decoding gives one-hot rows on the argmax.
+    """
+    scores = process_logits(logits, params, history)  # (n, V)
+    if params.greedy:
+        return torch.zeros_like(scores).scatter_(1, scores.argmax(-1, keepdim=True), 1.0)
+    return scores.softmax(-1)
 
 
 def sample_next(
@@ -94,14 +146,10 @@ def sample_next(
     logits = logits.float()
     temperature = params.temperature if not params.greedy else 1.0
     policy_logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (n, V)
-    processed = logits
-    if params.repetition_penalty != 1.0 and history is not None:
-        processed = apply_repetition_penalty(processed, history, params.repetition_penalty)
     if params.greedy:
-        tokens = processed.argmax(-1)
+        tokens = process_logits(logits, params, history).argmax(-1)  # = next_token_probs(...).argmax(-1)
     else:
-        processed = truncate(processed / temperature, params)
-        cdf = processed.softmax(-1).cumsum(-1)  # (n, V)
+        cdf = next_token_probs(logits, params, history).cumsum(-1)  # (n, V)
         target = (uniforms * cdf[:, -1]).unsqueeze(-1)  # (n, 1)
         tokens = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
     return tokens, policy_logprobs.gather(1, tokens[:, None])[:, 0]
