@@ -79,9 +79,10 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     """logits (n, V), history (n, S) token ids: `RepetitionPenaltyLogitsProcessor`; ids outside [0, V) are ignored."""
     V = logits.shape[-1]
     ids = history.masked_fill((history < 0) | (history >= V), V)  # (n, S) out-of-vocabulary ids -> spare column V
-    seen = torch.zeros(logits.shape[0], V + 1, dtype=torch.bool, device=logits.device)
-    seen = seen.scatter_(1, ids, True)[:, :V]  # (n, V)
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    padded = torch.nn.functional.pad(logits, (0, 1))  # (n, V + 1) a copy, with the spare column
+    score = padded.gather(1, ids)  # (n, S)
+    padded.scatter_(1, ids, torch.where(score < 0, score * penalty, score / penalty))  # repeats write equal values
+    return padded[:, :V]
 
 
 def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
