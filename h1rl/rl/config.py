@@ -4,8 +4,11 @@ One YAML file maps one to one onto `GRPORunConfig` (through `h1rl.config_io`: un
 dotted key). The optimisation and sampling knobs are TRL's own: the `trl` mapping is passed to `trl.GRPOConfig`
 unchanged, so every field TRL documents works here and a misspelt one is refused by name. h1rl adds only what TRL
 does not know: where the model and data come from, which built-in rewards to use with which weights, LoRA
-targets that include the Mamba projections, dynamic sampling, and three exact savings in the training forward
-(skipping zero-advantage rows, prompt-prefix sharing, splitting rows by length).
+targets that include the Mamba projections, dynamic sampling, three exact savings in the training forward
+(skipping zero-advantage rows, prompt-prefix sharing, splitting rows by length), and the switch of the
+sampler/trainer mismatch correction (TRL's importance sampling for vLLM rollouts, applied to the engine's: on by
+default unless the policy runs in float32; its mode and caps are TRL's `trl.vllm_importance_sampling_mode`,
+`trl.vllm_importance_sampling_clip_max` and `trl.vllm_importance_sampling_clip_min`; see docs/grpo.md).
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class GRPORunConfig:
     # split the training forward into at most this many groups of rows of similar length, each trimmed to its own
     # longest row (1: one forward, trimmed to the batch's longest row; see HybridGRPOTrainer)
     length_chunks: int = 4
+    # correct the loss for the gap between the engine's sampling log-probs and the trainer's (TRL's truncated
+    # importance sampling; None: auto, on unless the policy runs in float32; see HybridGRPOTrainer, docs/grpo.md)
+    importance_sampling_correction: bool | None = None
     trl: dict[str, Any] = field(default_factory=dict)  # any trl.GRPOConfig field, e.g. learning_rate, beta
 
     def __post_init__(self):

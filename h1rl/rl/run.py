@@ -169,7 +169,8 @@ def run_grpo(cfg: GRPORunConfig):
                                 processing_class=tokenizer, peft_config=peft_config,
                                 dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
                                 skip_zero_advantage_rows=cfg.skip_zero_advantage_rows,
-                                share_prompt_prefix=cfg.share_prompt_prefix, length_chunks=cfg.length_chunks)
+                                share_prompt_prefix=cfg.share_prompt_prefix, length_chunks=cfg.length_chunks,
+                                importance_sampling_correction=cfg.importance_sampling_correction)
     if resume is not None:
         logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)

@@ -13,7 +13,8 @@ why `pyproject.toml` pins `trl>=1.16,<1.17` and `tests/rl/` exercises them again
   generated (it does so when generation and optimisation steps are misaligned, i.e. `steps_per_generation` or
   `num_iterations` > 1), the engine's log-probs are returned instead of running one more forward pass: they are
   the same numbers (`tests/rollout/test_engine.py` bounds the difference by 1e-4 in float32). Every other call
-  (the policy's training forward, the reference model) runs normally.
+  (the policy's training forward, the reference model) runs normally. Not with the importance-sampling correction
+  on (below), which needs the training side's own numbers.
 
 Why not TRL's public `rollout_func`: it is marked experimental, receives un-tokenised prompts (so chat templating
 would have to be redone here), and its log-probs are only used with vLLM. The two hooks above keep TRL's
@@ -49,6 +50,19 @@ positions; `train/forward_positions` logs the fraction of the rectangle computed
 a row do not depend on the padding after it nor on masked columns before it, so this is exact too
 (`tests/rl/test_length_chunks.py`); `length_chunks=1` still trims the batch to its own longest row.
 
+And TRL's sampler/trainer mismatch correction, which TRL runs only with vLLM: the engine plays vLLM's role. With
+`importance_sampling_correction` on (None, the default: on unless the policy runs in float32, where rollout and
+training log-probs agree to 1e-5; bfloat16 kernels do not), `_generate_and_score_completions` recomputes the old
+policy's log-probs with the training forward when TRL did not (a no-grad forward, as TRL does under vLLM; the
+engine's log-probs are then never served as old ones), computes TRL's capped ratio pi_old / pi_engine with TRL's
+`vllm_importance_sampling_mode` / `_clip_max` / `_clip_min` (`h1rl.rl.importance`) and logs TRL's `sampling/*`
+metrics. It does so once, on the final batch: after dynamic sampling's refills, whose `merge_rows` re-pads the
+engine's (and TRL's old) log-probs on the right like the completions. `_compute_loss` hands the ratio to TRL's loss,
+which multiplies the per-token loss by it only under `use_vllm` ("vespo" folds it into its weights regardless): the
+flag is raised for the duration of TRL's `_compute_loss` alone, where it gates nothing else in TRL 1.16
+(`tests/rl/test_importance.py` checks that the loss and gradient scale with the ratio). Rows left out by
+`skip_zero_advantage_rows` take their ratio with them.
+
 Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
 completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
 processes draws the same completions as one process holding the whole global batch.
@@ -62,10 +76,11 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 
 from h1rl.models.scan import cuda_scan_available
 from h1rl.rewards import checked
+from h1rl.rl.importance import IMPORTANCE_SAMPLING_MODES, importance_sampling_ratio, mismatch_metrics
 from h1rl.rollout import RolloutEngine, SamplingParams
 from h1rl.rollout.engine import find_hybrid
 
@@ -153,13 +168,16 @@ def _pad_to(t: torch.Tensor, width: int, left: bool) -> torch.Tensor:
 class HybridGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose completions come from `h1rl.rollout.RolloutEngine` (see the module docstring).
 
-    Takes exactly `GRPOTrainer`'s arguments. The model (after PEFT wrapping, if any) must be an h1rl
-    `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since the engine replaces them.
+    Takes `GRPOTrainer`'s arguments plus h1rl's keyword-only switches (see the module docstring). The model (after
+    PEFT wrapping, if any) must be an h1rl `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since
+    the engine replaces them. `importance_sampling_correction`: True, False, or None for on unless the policy runs in
+    float32 (all floating parameters float32 and no bf16/fp16 mixed precision) or TRL's
+    `vllm_importance_sampling_correction` is False; the resolved value is the attribute of the same name.
     """
 
     def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
                  skip_zero_advantage_rows: bool = True, share_prompt_prefix: bool | None = None,
-                 length_chunks: int = 4, **kwargs: Any):
+                 length_chunks: int = 4, importance_sampling_correction: bool | None = None, **kwargs: Any):
         # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
         # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -191,6 +209,27 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._serve_old_logps = False
         self.share_prompt_prefix = share_prompt_prefix  # None: decided per call, where the tensors are (see below)
         self.length_chunks = length_chunks
+        self.importance_sampling_correction = self._resolve_importance_sampling(importance_sampling_correction)
+
+    def _resolve_importance_sampling(self, requested: bool | None) -> bool:
+        """Whether the sampler/trainer mismatch correction runs (see the module docstring), checked against TRL's
+        settings for it, which it reuses."""
+        if requested and not self.vllm_importance_sampling_correction:
+            raise ValueError("importance_sampling_correction=True contradicts GRPOConfig's "
+                             "vllm_importance_sampling_correction=False: set only h1rl's switch")
+        on = requested
+        if on is None:
+            params = [p for p in self.model.parameters() if p.is_floating_point()]
+            float32 = all(p.dtype == torch.float32 for p in params) and self.accelerator.mixed_precision == "no"
+            on = not float32 and self.vllm_importance_sampling_correction
+        mode = self.vllm_importance_sampling_mode
+        if on and mode not in IMPORTANCE_SAMPLING_MODES:
+            modes = ", ".join(IMPORTANCE_SAMPLING_MODES)
+            raise ValueError(f"vllm_importance_sampling_mode: {mode!r} is not one of {modes}")
+        if on and self.loss_type == "vespo" and not mode.startswith("token"):  # TRL's own check under vLLM
+            raise ValueError(f"loss_type 'vespo' with the importance-sampling correction needs a token-level "
+                             f"vllm_importance_sampling_mode ('token_truncate' or 'token_mask'), got {mode!r}")
+        return bool(on)
 
     def _rollout_seed(self) -> int:
         """A seed from (run seed, global step, rollouts so far at this step): the same after a resume, and the same
@@ -248,18 +287,50 @@ class HybridGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = self._score_one_round(inputs)
-        if not self.dynamic_sampling_rounds or not self.model.training:
-            return output
-        return self._refill_tied_groups(inputs, output)
+        if self.dynamic_sampling_rounds and self.model.training:
+            output = self._refill_tied_groups(inputs, output)
+        if self.importance_sampling_correction:
+            output = self._correct_sampling_mismatch(output)
+        return output
+
+    def _correct_sampling_mismatch(self, output: dict) -> dict:
+        """TRL's vLLM importance-sampling correction with the engine as the sampler, on the final batch: the old
+        policy's log-probs from the training forward (run here, no grad, when TRL did not run it), the capped ratio
+        against the engine's log-probs for `_compute_loss`, and TRL's `sampling/*` metrics (`h1rl.rl.importance`)."""
+        mode = "train" if self.model.training else "eval"
+        completion_mask = output["completion_mask"]  # (R, Tc)
+        mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]  # (R, Tc)
+        if "old_per_token_logps" not in output:  # TRL ran it only for misaligned generation and optimizer steps
+            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # (R, Tp + Tc)
+            attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)  # (R, Tp + Tc)
+            args = self.args
+            batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
+                output["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, completion_mask.shape[1], batch_size=batch_size
+                )
+        old, sampling = output["old_per_token_logps"], output["sampling_per_token_logps"]  # (R, Tc), (R, Tc)
+        ratio = importance_sampling_ratio(  # (R, Tc) token modes, (R, 1) sequence modes
+            old, sampling, mask, self.vllm_importance_sampling_mode,
+            self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min,
+        )
+        metrics = mismatch_metrics(old, sampling, ratio, mask, self.vllm_importance_sampling_mode,
+                                   gather=self.accelerator.gather)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        output["importance_sampling_ratio"] = ratio
+        return output
 
     def _score_one_round(self, inputs):
         self._served_logps = None
         # TRL asks for the old policy's log-probs only when generation and optimizer steps are misaligned (its
         # condition in _generate_and_score_completions; vLLM is refused here), and then before anything else. The
         # next policy call of the round, under PEFT with beta > 0, is the reference model (adapter disabled): that
-        # one must run the forward, so the engine's log-probs are served once, and only when asked for.
+        # one must run the forward, so the engine's log-probs are served once, and only when asked for. Never with
+        # the importance-sampling correction on: it compares the training forward's old log-probs with the engine's.
         generate_every = self.args.steps_per_generation * self.num_iterations
-        self._serve_old_logps = self.args.gradient_accumulation_steps % generate_every != 0
+        misaligned = self.args.gradient_accumulation_steps % generate_every != 0
+        self._serve_old_logps = misaligned and not self.importance_sampling_correction
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -337,7 +408,7 @@ class HybridGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         if not self.skip_zero_advantage_rows or not self.model.training:
-            return super()._compute_loss(model, inputs)
+            return self._trl_compute_loss(model, inputs)
         advantages = inputs["advantages"]  # (R,) or (R, L)
         rows = advantages.shape[0]
         carries = (advantages != 0).reshape(rows, -1).any(1)  # (R,)
@@ -349,7 +420,7 @@ class HybridGRPOTrainer(GRPOTrainer):
             count = int(self.accelerator.gather(torch.tensor([count], device=advantages.device)).max())
         self._metrics["train"]["train/rows_trained"].append(count / rows)
         if count == rows:
-            return super()._compute_loss(model, inputs)
+            return self._trl_compute_loss(model, inputs)
         order = torch.argsort((~carries).to(torch.uint8), stable=True)  # rows with an advantage first, in order
         index = order[:count].sort().values
         kept = {
@@ -357,8 +428,20 @@ class HybridGRPOTrainer(GRPOTrainer):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
             else value
             for key, value in inputs.items()
-        }
-        return super()._compute_loss(model, kept)
+        }  # the importance-sampling ratio, (R, Tc) or (R, 1), included
+        return self._trl_compute_loss(model, kept)
+
+    def _trl_compute_loss(self, model, inputs):
+        """TRL's loss. TRL multiplies the per-token loss by `inputs["importance_sampling_ratio"]` only under
+        `use_vllm` (the engine plays vLLM's role, see `_correct_sampling_mismatch`), so the flag is raised for this
+        call alone; within TRL 1.16's `_compute_loss` it gates nothing else."""
+        if "importance_sampling_ratio" not in inputs:
+            return super()._compute_loss(model, inputs)
+        self.use_vllm = True
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self.use_vllm = False
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         serve = (

@@ -54,6 +54,9 @@ def test_grpo_steps_change_parameters_and_log_rollouts(tmp_path, steps_per_gener
     assert any("reward" in entry for entry in logs)
     if steps_per_generation > 1:  # TRL would recompute old log-probs; the engine's are served instead
         assert any(entry.get("rollout/old_logps_served") for entry in logs), logs
+    # float32: the sampler/trainer mismatch correction is off by default (tests/rl/test_importance.py)
+    assert trainer.importance_sampling_correction is False
+    assert not any(key.startswith("sampling/") for entry in logs for key in entry)
 
 
 def test_grpo_with_lora_trains_adapters_only(tmp_path):
