@@ -72,7 +72,12 @@ class LossConfig:
     ce_weight: float = 0.0  # + ce_weight * cross-entropy on the data's next tokens
     hidden_weight: float = 0.0  # + hidden_weight * MSE between student and teacher layer outputs
     hidden_layers: str = "mamba"  # which layer outputs to align: "mamba" (m2 layers) or "all"
-    chunk_size: int = 256  # positions per chunk: logits exist for one chunk at a time (both models, float32)
+    # The KD loss walks the sequence in chunks: logits exist for one chunk at a time (both models, float32). A chunk
+    # holds as many positions as fit in `chunk_bytes` of float32 (rows, positions, vocab) temporaries (3 of them; 4
+    # with ce_weight > 0 at temperature != 1), rows being training.per_device_train_batch_size on every process, so
+    # that every process runs the same number of chunks (ZeRO-3). Default 1 GiB: 85 positions at 8 rows x 131072.
+    chunk_bytes: int = 2**30
+    chunk_size: int | None = None  # positions per chunk, overriding chunk_bytes (e.g. to test several chunks)
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
@@ -83,8 +88,10 @@ class LossConfig:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         if self.ce_weight < 0 or self.hidden_weight < 0:
             raise ValueError(f"ce_weight and hidden_weight must be >= 0, got {self.ce_weight}, {self.hidden_weight}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes: must be >= 1, got {self.chunk_bytes}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size: must be >= 1 (or unset: sized by chunk_bytes), got {self.chunk_size}")
 
 
 @dataclass

@@ -7,10 +7,13 @@ checkpointing and resuming are the Trainer's own. The teacher is held as an
 attribute, frozen (`requires_grad=False`) and in eval mode, on the Trainer's device; under DeepSpeed it is wrapped
 for inference with TRL's `prepare_deepspeed` (sharded under ZeRO-3), since the Trainer only prepares the student.
 
-The student is called through the (possibly wrapped) model with `logits_to_keep=1` and `output_hidden_states=True`:
-its final hidden states feed the chunked loss of `h1rl.distill.losses`, and no full `(B, T, V)` logits are made.
-The returned loss is the micro-batch's part of the mean over the whole step's target tokens (all accumulation steps,
-all processes: the Trainer's `num_items_in_batch`).
+Both models are called through their (possibly wrapped) forward with `logits_to_keep=1` and no per-layer states
+(`hidden_states`): forward hooks keep the final normed hidden states, which feed the chunked loss of
+`h1rl.distill.losses` (no full `(B, T, V)` logits are made), and, only when `loss.hidden_weight > 0`, the outputs of
+the layers `loss.hidden_layers` selects. At the Apriel-H1-15B shape and 8 x 8k tokens, every layer's states of the
+teacher would be 51 x 640 MiB = 32 GiB. The chunks are sized for the configured per-device batch size, so that every
+process runs as many of them as the others (ZeRO-3). The returned loss is the micro-batch's part of the mean over
+the whole step's target tokens (all accumulation steps, all processes: the Trainer's `num_items_in_batch`).
 
 Also here: `hidden_states` (the one forward used by the trainer, the scorers and the stage metrics),
 `evaluate_metric` (KL or LM loss of a model on calibration batches), `set_trainable` and `training_arguments`.
@@ -18,7 +21,9 @@ Also here: `hidden_states` (the one forward used by the trainer, the scorers and
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,23 +39,76 @@ from h1rl.rollout.engine import find_hybrid
 from h1rl.rollout.sampling import SamplingParams
 
 
-def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], all_layers: bool = False):
-    """Final (normed) hidden states (B, T, D) of a causal LM, and all layers' states when `all_layers`."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return out.hidden_states[-1], (out.hidden_states if all_layers else None)
+def hidden_states(
+    model: nn.Module, batch: dict[str, torch.Tensor], layers: Sequence[int] = ()
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The final (normed) hidden states (B, T, D) of a causal LM, and the outputs {i: (B, T, D)} of `layers` only.
+
+    The model is called through its wrappers (DeepSpeed, DDP, PEFT: their forward does work of its own) with one
+    position's logits and `output_hidden_states=False`, so it runs the same modules in the same order as any forward
+    (ZeRO-3) and keeps no per-layer states. Forward hooks on its decoder (`get_decoder()`, any transformers causal
+    LM) keep what is asked for: the decoder's `last_hidden_state`, and layer i's output as the input of layer i + 1
+    (the tensor the model passes on, with its gradient, also under activation checkpointing); the last layer's
+    output is the final normed state, as in transformers' `hidden_states[-1]`. The hooks are removed before backward.
+    Layer outputs are read as the decoder passes them on, so a batch with `layers` must be right-padded (the
+    distillation collator's layout): a model may lay left-padded rows out differently inside.
+    """
+    decoder = _unwrap(model).get_decoder()
+    blocks = _decoder_layers(model) if layers else []
+    mask = batch.get("attention_mask")
+    if layers and mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("hidden-state alignment needs right-padded rows (real tokens, then pads); the batch has a pad "
+                         "before a real token")
+    kept: dict[Any, torch.Tensor] = {}
+
+    def keep(key: Any, tensor: torch.Tensor) -> None:
+        if key in kept:
+            where = "the decoder" if key == "final" else f"layer {key + 1}"
+            raise RuntimeError(f"{where} ran twice in one forward; hidden_states keeps one output per layer")
+        kept[key] = tensor
+
+    handles = [decoder.register_forward_hook(lambda module, args, out: keep("final", out[0]))]
+    for i in layers:
+        if not 0 <= i < len(blocks):
+            raise ValueError(f"layer {i} is out of range: {type(_unwrap(model)).__name__} has {len(blocks)} layers")
+        if i + 1 < len(blocks):
+            handles.append(blocks[i + 1].register_forward_pre_hook(
+                lambda module, args, kwargs, i=i: keep(i, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True,
+            ))
+    try:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            output_hidden_states=False,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    final = kept.pop("final")
+    return final, {i: kept[i] if i + 1 < len(blocks) else final for i in layers}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DeepSpeed / DDP wrappers (they keep it as `.module`)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The transformers model under DeepSpeed / DDP (`.module`) and PEFT (`get_base_model()`) wrappers."""
+    while True:
+        if isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a (wrapped) causal LM: `get_decoder().layers` (Llama, Mistral, Qwen, h1rl hybrids)."""
+    bare = _unwrap(model)
+    layers = getattr(bare.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(bare).__name__}: its decoder has no `layers` list to align hidden states on")
+    return layers
 
 
 def alignment_layers(model: nn.Module, which: str) -> list[int]:
@@ -66,12 +124,18 @@ def batch_loss(
     batch: dict[str, torch.Tensor],
     config: LossConfig,
     pad_length: int | None = None,
+    rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The distillation loss parts of one batch (`{"loss", "kl", "ce", "hidden", "tokens"}`)."""
-    align = config.hidden_weight > 0
-    h_s, states_s = hidden_states(student, batch, all_layers=align)
+    """The distillation loss parts of one batch (`{"loss", "kl", "ce", "hidden", "tokens"}`).
+
+    `pad_length`, `rows`: equal on every process, they make the number of loss chunks equal too (`distill_loss`)."""
+    layers = alignment_layers(student, config.hidden_layers) if config.hidden_weight > 0 else []
+    if layers and len(_decoder_layers(student)) != len(_decoder_layers(teacher)):
+        raise ValueError(f"hidden alignment needs the same depth: student has {len(_decoder_layers(student))} "
+                         f"layers, teacher {len(_decoder_layers(teacher))}")
+    h_s, states_s = hidden_states(student, batch, layers)
     with torch.no_grad():
-        h_t, states_t = hidden_states(teacher, batch, all_layers=align)
+        h_t, states_t = hidden_states(teacher, batch, layers)
     parts = distill_loss(
         h_s,
         h_t,
@@ -80,11 +144,11 @@ def batch_loss(
         batch["labels"],
         config,
         pad_length=pad_length,
+        rows=rows,
     )
     parts["hidden"] = parts["kl"].new_zeros(())
-    if align:
-        layers = alignment_layers(student, config.hidden_layers)
-        parts["hidden"] = hidden_alignment(states_s, states_t, layers, batch.get("attention_mask"))
+    if layers:
+        parts["hidden"] = hidden_alignment(states_s, states_t, batch.get("attention_mask"))
         parts["loss"] = parts["loss"] + config.hidden_weight * parts["hidden"]
     return parts
 
@@ -99,7 +163,7 @@ def evaluate_metric(
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0.0
-    ce_only = LossConfig(kind=config.kind, temperature=config.temperature, ce_weight=1.0, chunk_size=config.chunk_size)
+    ce_only = dataclasses.replace(config, ce_weight=1.0, hidden_weight=0.0)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         parts = batch_loss(model, teacher, batch, config if metric == "kl" else ce_only)
@@ -157,9 +221,10 @@ def training_arguments(
 class DistillTrainer(Trainer):
     """A `Trainer` whose loss is `batch_loss` against `teacher` (see the module docstring).
 
-    `pad_length`: passed to the chunked loss so every process runs the same number of chunks (ZeRO-3); also the
-    length cap of on-policy rows. `on_policy`: on the steps it picks, the batches' completions are sampled by the
-    student (`h1rl.distill.on_policy`) before the Trainer counts their target tokens.
+    `pad_length`: passed to the chunked loss, with the configured per-device batch size, so every process runs the
+    same number of chunks (ZeRO-3); also the length cap of on-policy rows. `on_policy`: on the steps it picks, the
+    batches' completions are sampled by the student (`h1rl.distill.on_policy`) before the Trainer counts their
+    target tokens.
     """
 
     def __init__(self, *args: Any, teacher: nn.Module, loss_config: LossConfig, pad_length: int | None = None,
@@ -224,7 +289,9 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.teacher.eval()  # stays in eval mode whatever happens to the student
-        parts = batch_loss(model, self.teacher, inputs, self.loss_config, self.pad_length)
+        # The chunks are sized for the configured batch size, equal on every process (not this micro-batch's rows).
+        rows = self.args.per_device_train_batch_size if model.training else self.args.per_device_eval_batch_size
+        parts = batch_loss(model, self.teacher, inputs, self.loss_config, self.pad_length, rows)
         for name in ("kl", "ce", "hidden"):
             self._parts[name].append(float(parts[name].detach()))
         loss = parts["loss"]

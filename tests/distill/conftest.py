@@ -43,13 +43,14 @@ def make_config(toy_world, tmp_path):
 
 
 def raw_config(toy: dict[str, str], out_dir, stages: list[dict]) -> dict:
-    """The raw mapping of a small run over the toy world (batch 8, chunks of 8 positions)."""
+    """The raw mapping of a small run over the toy world (batch 8; loss chunks of 8 positions: 3 float32 (8, 8, 56)
+    temporaries of the toy vocabulary's 56 logits fit in 43008 bytes)."""
     return {
         "out_dir": str(out_dir),
         "model": {"teacher": toy["teacher"], "ssm_cfg": {"d_state": 16}},
         "data": {"path": toy["train"], "calibration_path": toy["calib"], "max_length": 48,
                  "calibration_samples": 16, "calibration_batch_size": 16},
-        "loss": {"chunk_size": 8},
+        "loss": {"chunk_bytes": 43008},
         "importance": {"probe_steps": 4},
         "training": {"per_device_train_batch_size": 8, "learning_rate": 3e-4, "logging_steps": 5, "save_steps": 4,
                      "lr_scheduler_type": "constant", "save_total_limit": None},
