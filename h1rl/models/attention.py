@@ -4,27 +4,43 @@ Weight names are Mistral's (`q_proj`, `k_proj`, `v_proj`, `o_proj`) so teachers 
 unchanged; Llama's all-projection bias, Qwen2's q/k/v bias and Qwen3's per-head q/k RMSNorm are config switches.
 RoPE (every rope type transformers knows, Llama-3 scaling included) comes from transformers' rotary embedding.
 
-The mask is built here rather than by transformers' masking utilities because it must combine three things the
-rollout engine and the GRPO trainer rely on: causality over a (possibly preallocated) KV buffer, left padding
-given as a 2D mask, and an optional sliding window. Query rows that see no valid key (pad positions) attend to
-themselves, so their (ignored) outputs stay finite.
+Every call is shaped for a fused kernel (`attend`, the one call site of `scaled_dot_product_attention`). On CUDA,
+PyTorch's flash kernel takes no explicit mask but handles grouped-query heads itself (`enable_gqa`, fp16/bf16 only);
+its memory-efficient kernel takes a mask (and fp32) but needs equal query and KV head counts; a call that fits
+neither runs on the math kernel, which materialises the (T, S) scores in fp32. So:
+- no mask (nothing padded, right-padded rows, or left-padded rows that the model left-aligned, see
+  `h1rl.models.batch`): plain causal attention, `is_causal` when T == S and a lower-right `CausalBias` when a cached
+  prefix precedes the new tokens; grouped heads through `enable_gqa` in fp16/bf16 (flash), repeated KV heads in fp32
+  (memory-efficient);
+- a mask (left padding under a cache, as in `generate`; a sliding window; the shared-prefix training forward): the
+  memory-efficient kernel; one query token per row (decode) folds its G query heads into the query axis of their KV
+  head (q (B, Hkv, G, P)), so the KV cache is never copied; several query tokens repeat the KV heads, as
+  transformers does.
+The mask is built here rather than by transformers' masking utilities because it combines causality over a
+(possibly preallocated) KV buffer, padding given as a 2D mask, and an optional sliding window. Query rows that see
+no valid key (pad positions) attend to themselves, so their (ignored) outputs stay finite.
 
-Mixer contract shared with `h1rl.models.mamba.MambaMixer`:
-`forward(hidden_states, position_embeddings, attention_mask, state)` for any number of new tokens (prefill,
-training, continuation), `step(...)` for one token, `allocate_inference_cache(batch_size, max_seqlen, dtype)`.
-`step_static(...)` is `step` with static shapes (the whole preallocated buffer, a key mask, the write column as a
-device tensor) for the CUDA-graph decoder of `h1rl.rollout.decode_step`.
+Mixer contract shared with `h1rl.models.mamba.MambaMixer`: `forward(hidden_states, position_embeddings, padding,
+state, decode=None)` for any number of new tokens (prefill, training, continuation) appended to `state`; with
+`decode` (`h1rl.models.batch.DecodeColumns`) one token per row, written to each row's own buffer column and
+attending to the columns its key mask allows: static shapes and no host synchronisation, which is what the rollout
+engine's slots (rows of different lengths) and its CUDA graphs need. `allocate_inference_cache(batch_size,
+max_seqlen, dtype)` makes the state.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.functional import scaled_dot_product_attention
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from h1rl.models.batch import DecodeColumns, Padding
 from h1rl.models.cache import KVState
 from h1rl.models.configuration import HybridConfig
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes of the flash kernel
 
 
 def attention_mask_for(
@@ -34,11 +50,9 @@ def attention_mask_for(
     sliding_window: int | None,
     batch_size: int,
     device: torch.device,
-) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask, True where query i may attend key j; None when plain causal attention will do."""
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask, True where query i may attend key j: causal, real keys, inside the window."""
     past = num_keys - num_queries
-    if key_valid is None and sliding_window is None and (past == 0 or num_queries == 1):
-        return None  # plain causal: SDPA's is_causal when T == S, no mask at all when T == 1
     q_index = torch.arange(past, num_keys, device=device)[:, None]  # (T, 1) absolute index of each query
     k_index = torch.arange(num_keys, device=device)[None, :]  # (1, S)
     allowed = k_index <= q_index  # (T, S)
@@ -49,6 +63,41 @@ def attention_mask_for(
         allowed = allowed & key_valid[:, None, :].bool()
     allowed = allowed | (k_index == q_index)[None]  # a pad query attends to itself: keeps its row finite
     return allowed[:, None]  # (B, 1, T, S)
+
+
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, S, P) -> (B, Hkv * groups, S, P): query head h uses KV head h // groups."""
+    B, Hkv, S, P = t.shape
+    return t[:, :, None].expand(B, Hkv, groups, S, P).reshape(B, Hkv * groups, S, P)
+
+
+def attend(
+    q: torch.Tensor,  # (B, H, T, P)
+    k: torch.Tensor,  # (B, Hkv, S, P)
+    v: torch.Tensor,  # (B, Hkv, S, P)
+    scale: float,
+    mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, causality included; None: causal (see `causal`)
+    causal: bool = True,  # with no mask: query i (the (S - T + i)-th token) sees keys 0 .. S - T + i; else all keys
+) -> torch.Tensor:
+    """SDPA shaped for PyTorch's fused kernels (see the module docstring); returns (B, H, T, P)."""
+    B, H, T, P = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    groups = H // Hkv
+    if mask is None:
+        bias, is_causal = None, False
+        if causal and T > 1:
+            is_causal = T == S
+            bias = None if is_causal else causal_lower_right(T, S)  # a cached prefix precedes the new tokens
+        gqa = groups > 1 and q.dtype in HALF_DTYPES  # flash takes grouped heads; the fp32 kernel needs them repeated
+        if groups > 1 and not gqa:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        return scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    if groups > 1 and T == 1:  # decode: the G query heads of a KV head become G queries of it; no KV copy
+        out = scaled_dot_product_attention(q.reshape(B, Hkv, groups, P), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, H, 1, P)  # (B, Hkv, G, P) -> (B, H, 1, P)
+    if groups > 1:
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class Attention(nn.Module):
@@ -93,74 +142,40 @@ class Attention(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, T, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, T, P)
-        attention_mask: torch.Tensor | None = None,  # (B, S) 1 for real tokens, S = cached + T; None = no padding
+        padding: Padding | None = None,  # real tokens among the S = cached + T positions; None: nothing padded
         state: KVState | None = None,
+        decode: DecodeColumns | None = None,  # one token per row at per-row buffer columns (then T == 1)
     ) -> torch.Tensor:
         B, T, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states, position_embeddings)  # (B, H, T, P), (B, Hkv, T, P)
+        if decode is not None:
+            return self._decode(q, k, v, state, decode)
         if state is not None:
             k, v = state.append(k, v)  # (B, Hkv, S, P)
         S = k.shape[2]
-        key_valid = None
-        if attention_mask is not None:
-            if attention_mask.shape[-1] != S:
-                raise ValueError(
-                    f"layer {self.layer_idx}: attention_mask covers {attention_mask.shape[-1]} positions but the "
-                    f"layer sees {S} keys ({S - T} cached + {T} new); pass the mask of the whole sequence so far"
-                )
-            key_valid = attention_mask.bool()  # the model passes None when nothing is padded
-        mask = attention_mask_for(key_valid, T, S, self.sliding_window, B, hidden_states.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1 and T == S,
-            scale=self.scaling,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, P)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        if padding is not None and padding.mask.shape[-1] != S:
+            raise ValueError(
+                f"layer {self.layer_idx}: attention_mask covers {padding.mask.shape[-1]} positions but the "
+                f"layer sees {S} keys ({S - T} cached + {T} new); pass the mask of the whole sequence so far"
+            )
+        windowed = self.sliding_window is not None and S > self.sliding_window
+        if (padding is None or padding.right_padded) and not windowed:
+            out = attend(q, k, v, self.scaling)  # causal alone keeps every real query away from the pads
+        else:
+            key_valid = None if padding is None else padding.mask
+            mask = attention_mask_for(key_valid, T, S, self.sliding_window, B, hidden_states.device)
+            out = attend(q, k, v, self.scaling, mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
-    def step(
-        self,
-        hidden_states: torch.Tensor,  # (B, D) one new token per row
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, 1, P)
-        attention_mask: torch.Tensor | None,  # (B, S)
-        state: KVState,
-    ) -> torch.Tensor:
-        return self.forward(hidden_states[:, None], position_embeddings, attention_mask, state)[:, 0]
-
-    def step_static(
-        self,
-        hidden_states: torch.Tensor,  # (B, D) one new token per row
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, 1, P)
-        key_mask: torch.Tensor,  # (B, S) bool over the whole buffer: True where a key is a real token
-        state: KVState,  # buffers (B, Hkv, S, P); `state.length` is neither read nor updated
-        write_index: torch.Tensor,  # (1,) long on the model's device: the buffer column of the new token
-    ) -> torch.Tensor:
-        """`step` with static shapes and no host synchronisation, for CUDA graph capture.
-
-        The new key/value go to column `write_index` of the preallocated buffers (in place, same for every row),
-        and the query attends over all S columns: those that `key_mask` marks real, at or before `write_index`
-        (and inside the sliding window). Same result as `step` over the filled part of the buffer.
-        """
-        B, S = key_mask.shape
-        q, k, v = self._qkv(hidden_states[:, None], position_embeddings)  # (B, H, 1, P), (B, Hkv, 1, P)
-        state.key.index_copy_(2, write_index, k.to(state.key.dtype))
-        state.value.index_copy_(2, write_index, v.to(state.value.dtype))
-        k_index = torch.arange(S, device=key_mask.device)  # (S,)
-        allowed = key_mask & (k_index <= write_index)  # (B, S)
-        if self.sliding_window is not None:
-            allowed = allowed & (write_index - k_index < self.sliding_window)
-        out = F.scaled_dot_product_attention(
-            q,
-            state.key,
-            state.value,
-            attn_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
-            scale=self.scaling,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, 1, P)
-        return self.o_proj(out.reshape(B, -1))
+    def _decode(self, q, k, v, state: KVState, decode: DecodeColumns) -> torch.Tensor:
+        """q (n, H, 1, P), k and v (n, Hkv, 1, P): write each row's key/value at its column, attend its key mask."""
+        n, S = decode.key_mask.shape
+        rows = torch.arange(n, device=q.device)
+        state.key[rows, :, decode.write] = k[:, :, 0].to(state.key.dtype)  # (n, Hkv, P) into (n, Hkv, S_buf, P)
+        state.value[rows, :, decode.write] = v[:, :, 0].to(state.value.dtype)
+        keys, values = state.key[:n, :, :S], state.value[:n, :, :S]  # (n, Hkv, S, P)
+        out = attend(q, keys, values, self.scaling, mask=decode.key_mask[:, None, None, :])  # (n, H, 1, P)
+        return self.o_proj(out.reshape(n, 1, -1))  # (n, 1, D)
 
     def allocate_inference_cache(
         self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None, device: torch.device | None = None

@@ -127,6 +127,20 @@ class HybridCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    def set_length(self, length: int) -> None:
+        """Record that every row's first `length` tokens are in the cache (KV columns filled, tokens consumed); the
+        decode step, which writes each row at its own column, does not count them itself."""
+        for state in self.layers:
+            if isinstance(state, KVState):
+                state.length = length
+        self.seen_tokens = length
+
+    def ensure_capacity(self, length: int) -> None:
+        """Grow the attention buffers (at least doubling) so that they hold `length` columns."""
+        for state in self.layers:
+            if isinstance(state, KVState) and state.key.shape[2] < length:
+                state._grow(length)
+
     def index_select(self, rows: torch.Tensor) -> HybridCache:
         """A new cache whose row i is row `rows[i]` of this one (fan-out of a shared prefix, or compaction)."""
         layers = [None if s is None else s.index_select(rows) for s in self.layers]
@@ -147,6 +161,17 @@ class HybridCache:
                 for t in state.tensors():
                     t[:n] = t.index_select(0, keep)
         return self.narrow(n)
+
+    def copy_rows_(self, rows: torch.Tensor, source: HybridCache, source_rows: torch.Tensor, columns: int) -> None:
+        """Row rows[i] of this cache becomes row source_rows[i] of `source`: its Mamba state and the first `columns`
+        KV columns (in place; the rollout engine's slots take the state of freshly prefilled prompts)."""
+        for mine, theirs in zip(self.layers, source.layers):
+            if isinstance(mine, KVState):
+                for t_mine, t_theirs in zip(mine.tensors(), theirs.tensors()):
+                    t_mine[:, :, :columns].index_copy_(0, rows, t_theirs[:, :, :columns].index_select(0, source_rows))
+            elif mine is not None:
+                for t_mine, t_theirs in zip(mine.tensors(), theirs.tensors()):
+                    t_mine.index_copy_(0, rows, t_theirs.index_select(0, source_rows))
 
     def fill_repeated_(self, source: HybridCache, repeats: int) -> None:
         """Row r * repeats + g of this cache becomes row r of `source`, for g < repeats (prefix fan-out).

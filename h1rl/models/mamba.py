@@ -11,13 +11,17 @@ Semantics follow the Apriel-H1 reference (its Hugging Face export and Fast-LLM a
     A        = -exp(A_log) per channel and state (H*P, N), S4D-real init A = 1..N
     y        = scan(x, dt, A, B, C) + D * x;  out = out_proj(y * silu(z))
 
-Left padding: pad tokens are zeroed before the convolution and get dt = 0 (decay 1, no input), so the conv and SSM
-state reaching the first real token is exactly the zero state the row would have alone.
+Padding: pad tokens are zeroed before the convolution and get dt = 0 (decay 1, no input). Leading pads therefore
+leave the zero state untouched, so the first real token sees exactly the state the row would have alone; pads after
+the real tokens (right padding: the rollout engine's prefill chunks) leave the SSM state as the last real token left
+it, and the convolution state kept for the next call is taken at each row's last real token.
 
 Paths: `forward` runs any number of tokens (training, prefill, continuation from a cached state) with the selective
-scan of `h1rl.models.scan`; `step` decodes one token from the cached state. A cached state is updated in place,
-except under autograd, where it is replaced (see `h1rl.models.cache`). causal-conv1d's kernels are used on CUDA
-when installed (guarded imports); the pure-torch path runs everywhere and is what the tests compare against.
+scan of `h1rl.models.scan`; with `decode` (one token per row) it runs `step`. A cached state is updated in place,
+except under autograd, where it is replaced (see `h1rl.models.cache`). A state that holds nothing yet
+(`state_is_empty`: a fresh cache) is not passed to the scan as an initial state, so the fused CUDA scan can run;
+a continuation passes it (the scan's CUDA path continues from a state too). causal-conv1d's kernels are used on
+CUDA when installed (guarded imports); the pure-torch path runs everywhere and is what the tests compare against.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from h1rl.models.batch import DecodeColumns, Padding
 from h1rl.models.cache import MambaState, records_grad
 from h1rl.models.configuration import HybridConfig
 from h1rl.models.scan import selective_scan, selective_state_update
@@ -128,17 +133,22 @@ class MambaMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,  # (B, T, D)
         position_embeddings=None,  # unused; part of the mixer contract
-        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token; its last T columns are these tokens
-        state: MambaState | None = None,  # continued from, and updated in place, when given
+        padding: Padding | None = None,  # real tokens among cached + new positions (its last T columns are these)
+        state: MambaState | None = None,  # continued from (unless empty), and updated in place, when given
+        decode: DecodeColumns | None = None,  # one token per row (T == 1): the decode step
+        state_is_empty: bool = False,  # `state` holds nothing yet (a fresh cache): the scan starts from zero
     ) -> torch.Tensor:
+        if decode is not None:
+            return self.step(hidden_states[:, 0], state=state)[:, None]
         Bsz, T, _ = hidden_states.shape
         z, x, Bm, Cm, dt = self._project(hidden_states)  # x: (B, T, Di)
         dt = self._dt(dt)  # (B, T, Di) float32
-        if attention_mask is not None:
-            valid = attention_mask[:, -T:].to(x.dtype)[..., None]  # (B, T, 1)
-            x = x * valid
-            dt = dt * valid.float()
-        x = self._conv(x, state)  # (B, T, Di)
+        valid = None
+        if padding is not None:
+            valid = padding.mask[:, -T:]  # (B, T) bool
+            x = x * valid[..., None].to(x.dtype)
+            dt = dt * valid[..., None]
+        x = self._conv(x, state, state_is_empty, valid)  # (B, T, Di)
         H, P = self.num_heads, self.d_state
         y, final_state = selective_scan(
             x.view(Bsz, T, H, P),
@@ -146,7 +156,7 @@ class MambaMixer(nn.Module):
             self._A(),
             Bm,
             Cm,
-            initial_state=None if state is None else state.ssm,
+            initial_state=None if state is None or state_is_empty else state.ssm,
             return_final_state=True,
             impl=self.scan_impl,
         )  # (B, T, H, P), (B, H, P, N)
@@ -157,34 +167,41 @@ class MambaMixer(nn.Module):
                 state.ssm.copy_(final_state)
         return self._output(y.reshape(Bsz, T, -1), x, z)
 
-    def _conv(self, x: torch.Tensor, state: MambaState | None) -> torch.Tensor:
-        """Causal depthwise conv + SiLU over time; x (B, T, Di). Continues from, and updates, `state.conv`."""
+    def _conv(
+        self, x: torch.Tensor, state: MambaState | None, state_is_empty: bool, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over time; x (B, T, Di). Continues from, and updates, `state.conv`: the last
+        d_conv inputs up to each row's last real token (`valid` (B, T), None: all real)."""
         K = self.d_conv
-        weight = self.conv1d.weight[:, 0]  # (Di, K)
         xt = x.transpose(1, 2)  # (B, Di, T)
-        if state is None and causal_conv1d_fn is not None and x.is_cuda:
-            return causal_conv1d_fn(xt.contiguous(), weight, self.conv1d.bias, activation="silu").transpose(1, 2)
-        if state is None:
-            prefix = xt.new_zeros(xt.shape[0], xt.shape[1], K - 1)
-        else:
-            prefix = state.conv[..., 1:].to(xt.dtype)  # (B, Di, K-1): the last K-1 inputs seen
-        full = torch.cat([prefix, xt], dim=-1)  # (B, Di, K-1+T)
-        if state is not None and records_grad(full):
-            state.conv = full[..., -K:]
-        elif state is not None:
-            state.conv.copy_(full[..., -K:])
-        out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (B, Di, T)
+        kernel = causal_conv1d_fn is not None and x.is_cuda and (state is None or state_is_empty)
+        if state is None and kernel:
+            return causal_conv1d_fn(xt.contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias,
+                                    activation="silu").transpose(1, 2)
+        past = xt.new_zeros(xt.shape[0], xt.shape[1], K) if state is None or state_is_empty else state.conv.to(xt.dtype)
+        full = torch.cat([past, xt], dim=-1)  # (B, Di, K + T): input i of this call at column K + i
+        if state is not None:
+            if valid is None:
+                new_state = full[..., -K:]
+            else:  # the K inputs ending at each row's last real token (its old state if it has none here)
+                T = xt.shape[-1]
+                end = (valid.long() * torch.arange(1, T + 1, device=valid.device)).amax(1)  # (B,) real inputs used
+                index = (end[:, None] + torch.arange(K, device=end.device))[:, None, :]  # (B, 1, K)
+                new_state = full.gather(2, index.expand(-1, full.shape[1], -1))  # (B, Di, K)
+            if records_grad(full):
+                state.conv = new_state
+            else:
+                state.conv.copy_(new_state)
+        if kernel:
+            return causal_conv1d_fn(xt.contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias,
+                                    activation="silu").transpose(1, 2)
+        out = F.conv1d(full[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (B, Di, T)
         return F.silu(out).transpose(1, 2)
 
     # ---- one-token decode ---------------------------------------------------------------------------------------
 
-    def step(
-        self,
-        hidden_states: torch.Tensor,  # (B, D) one new token per row
-        position_embeddings=None,
-        attention_mask: torch.Tensor | None = None,  # unused: decode tokens are real tokens
-        state: MambaState | None = None,
-    ) -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+        """One decode token per row: hidden_states (B, D) -> (B, D), `state` advanced in place."""
         if state is None:
             raise ValueError(f"layer {self.layer_idx}: step() needs a state (see allocate_inference_cache)")
         Bsz = hidden_states.shape[0]

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from h1rl.models.attention import Attention
+from h1rl.models.batch import DecodeColumns, MaskLayout, Padding, decode_columns, leading_pads, left_align, restore
 from h1rl.models.cache import HybridCache
 from h1rl.models.configuration import AprielHybridSSMConfig, AprielSSMThinkerHybridConfig, HybridConfig
 from h1rl.models.mamba import MambaMixer
@@ -62,17 +63,18 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,  # (B, T, D)
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,  # (B, S)
+        padding: Padding | None = None,
         cache: HybridCache | None = None,
-        decode_step: bool = False,
+        decode: DecodeColumns | None = None,
     ) -> torch.Tensor:
         state = None if cache is None else cache[self.layer_idx]
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
-        if decode_step:
-            h = self.token_mixer.step(h[:, 0], position_embeddings, attention_mask, state)[:, None]
+        if self.code == "t":
+            h = self.self_attn(h, position_embeddings, padding, state, decode)
         else:
-            h = self.token_mixer(h, position_embeddings, attention_mask, state)
+            empty = cache is not None and cache.seen_tokens == 0
+            h = self.mixer(h, position_embeddings, padding, state, decode, state_is_empty=empty)
         hidden_states = residual + h
         residual = hidden_states
         return residual + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -146,8 +148,12 @@ class HybridModel(HybridPreTrainedModel):
         every row from its group's cached state: the same hidden states as the plain forward (up to float rounding),
         and the same gradients, for the prefix's compute divided by the group size.
 
-        Falls back to the plain forward when every row's prefix is distinct, when hidden states of every
-        layer are asked for, or under gradient checkpointing (whose recomputation would append to the cache twice).
+        The two-phase forward (prefix, then continuation: every layer called twice) runs whatever the rows hold, even
+        when every prefix is distinct (groups of one), so that the sequence of layer calls depends on the settings
+        only, never on the data: under DeepSpeed ZeRO-3 every process gathers each layer's parameters in step with
+        the others. It falls back to the plain forward, on every process alike, when hidden states of every layer
+        are asked for, or under gradient checkpointing in training mode (its recomputation would append to the cache
+        twice).
         """
         if length < 1:
             raise ValueError(f"sharing_prefix: length must be >= 1, got {length}")
@@ -167,8 +173,11 @@ class HybridModel(HybridPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: HybridCache | None = None,
+        decode: DecodeColumns | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """transformers' usual arguments; `decode`: one token per row, each written at its own KV column and reading
+        the columns its key mask allows (`h1rl.rollout.decode_step.StaticDecoder`; pass `position_ids`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -193,85 +202,98 @@ class HybridModel(HybridPreTrainedModel):
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
-                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, -1)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, T, P)
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]
+        position_ids = position_ids.expand(B, -1)
         shared = self.shared_prefix_length
-        groups = None
         if (shared is not None and cache is None and input_ids is not None and 0 < shared < T
                 and not output_hidden_states and not (self.gradient_checkpointing and self.training)):
-            prefix_mask = None if attention_mask is None else attention_mask[:, :shared]
-            groups = prefix_groups(input_ids[:, :shared], prefix_mask)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: checked once here, not in every layer
-        if groups is not None:
-            hidden_states = self._forward_sharing_prefix(inputs_embeds, attention_mask, position_embeddings, shared,
-                                                         *groups)
+            hidden_states = self._forward_sharing_prefix(input_ids, inputs_embeds, attention_mask, position_ids, shared)
             return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
-        decode_step = cache is not None and past > 0 and T == 1
 
+        padding, shift = batch_padding(attention_mask, cacheless=cache is None)
+        if shift is not None:  # left-padded rows without a cache: run them left-aligned (see h1rl.models.batch)
+            inputs_embeds, position_ids = left_align(inputs_embeds, shift), left_align(position_ids, shift)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin: (B, T, P)
+        if decode is None and cache is not None and past > 0 and T == 1:  # generate: every row writes column `past`
+            cache.ensure_capacity(past + 1)
+            valid = None if padding is None else padding.mask
+            decode = decode_columns(inputs_embeds.new_full((B,), past, dtype=torch.long), past + 1,
+                                    self.config.sliding_window, valid)
         all_hidden_states = [] if output_hidden_states else None
-        hidden_states = self._run_layers(inputs_embeds, position_embeddings, attention_mask, cache, decode_step,
+        hidden_states = self._run_layers(inputs_embeds, position_embeddings, padding, cache, decode,
                                          all_hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
+        if shift is not None:
+            hidden_states = restore(hidden_states, shift)
+            all_hidden_states = None if all_hidden_states is None else [restore(h, shift) for h in all_hidden_states]
         if cache is not None:
-            cache.seen_tokens = past + T
+            cache.set_length(past + T)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
 
-    def _run_layers(self, hidden_states, position_embeddings, attention_mask, cache, decode_step=False,
+    def _run_layers(self, hidden_states, position_embeddings, padding, cache, decode=None,
                     all_hidden_states=None) -> torch.Tensor:
         """The decoder layers over hidden states (B, T, D); `all_hidden_states` collects each layer's input."""
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                cache=cache,
-                decode_step=decode_step,
-            )
+            hidden_states = layer(hidden_states, position_embeddings=position_embeddings, padding=padding,
+                                  cache=cache, decode=decode)
         return hidden_states
 
     def _forward_sharing_prefix(
         self,
+        input_ids: torch.Tensor,  # (B, T)
         inputs_embeds: torch.Tensor,  # (B, T, D)
-        attention_mask: torch.Tensor | None,  # (B, T), None when nothing is padded
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, T, P)
+        attention_mask: torch.Tensor | None,  # (B, T)
+        position_ids: torch.Tensor,  # (B, T)
         length: int,  # L: the shared prefix
-        first: torch.Tensor,  # (U,) first row of each group
-        group: torch.Tensor,  # (B,) group of each row
     ) -> torch.Tensor:
-        """Decoder layers (before the final norm) with the first `length` positions run once per group."""
+        """Decoder layers (before the final norm) with the first `length` positions run once per group of rows that
+        share them (see `sharing_prefix`)."""
+        prefix_mask = None if attention_mask is None else attention_mask[:, :length]
+        first, group = prefix_groups(input_ids[:, :length], prefix_mask)  # (U,), (B,)
         U = first.numel()
-        cos, sin = position_embeddings
-        prefix_mask = None if attention_mask is None else attention_mask[first, :length]  # (U, L)
-        if prefix_mask is not None and bool(prefix_mask.all()):
-            prefix_mask = None
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)  # (B, T, P)
         cache = self.allocate_cache(U, length, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        padding, _ = batch_padding(None if prefix_mask is None else prefix_mask[first], cacheless=False)
         prefix = self._run_layers(
-            inputs_embeds[first, :length], (cos[first, :length], sin[first, :length]), prefix_mask, cache
+            inputs_embeds[first, :length], (cos[first, :length], sin[first, :length]), padding, cache
         )  # (U, L, D)
-        cache.seen_tokens = length
+        cache.set_length(length)
         rows = cache.index_select(group)  # every row continues from its group's state (differentiable)
+        padding, _ = batch_padding(attention_mask, cacheless=False)
         rest = self._run_layers(
-            inputs_embeds[:, length:], (cos[:, length:], sin[:, length:]), attention_mask, rows
+            inputs_embeds[:, length:], (cos[:, length:], sin[:, length:]), padding, rows
         )  # (B, T - L, D)
         return torch.cat([prefix.index_select(0, group), rest], dim=1)  # (B, T, D)
 
 
-def prefix_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Rows with equal `ids` (B, L) and `mask` columns, wherever they are in the batch (TRL shuffles its rows): (one
-    row of each distinct prefix (U,), group of each row (B,)), or None when every prefix is distinct."""
+def batch_padding(attention_mask: torch.Tensor | None, cacheless: bool) -> tuple[Padding | None, torch.Tensor | None]:
+    """How the layers see a batch's padding (one host read of the mask): (padding, None), or (None, shift) when a
+    cacheless forward of rows that are pads, tokens, pads runs left-aligned (see `h1rl.models.batch`)."""
+    if attention_mask is None:
+        return None, None
+    layout = MaskLayout.of(attention_mask)
+    if layout.all_real:
+        return None, None
+    if layout.right_padded:
+        return Padding(attention_mask.bool(), right_padded=True), None
+    if cacheless and layout.contiguous:  # nothing keeps state out of this forward: the trailing pads are harmless
+        return None, leading_pads(attention_mask)
+    return Padding(attention_mask.bool(), right_padded=False), None
+
+
+def prefix_groups(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with equal `ids` (B, L) and `mask` columns, wherever they are in the batch (TRL shuffles its rows): one
+    row of each distinct prefix (U,), and the group of each row (B,); groups of one when every prefix is distinct."""
     key = ids if mask is None else torch.cat([ids, mask.to(ids.dtype)], dim=1)  # (B, L) or (B, 2L)
     distinct, group = torch.unique(key, dim=0, return_inverse=True)  # (U, .), (B,)
-    if distinct.shape[0] == key.shape[0]:
-        return None
     first = torch.full((distinct.shape[0],), key.shape[0], dtype=torch.long, device=ids.device)
     first = first.scatter_reduce(0, group, torch.arange(key.shape[0], device=ids.device), reduce="amin")
     return first, group

@@ -17,9 +17,11 @@ Public API
     that recomputes each chunk's states from a checkpoint. Runs on any device.
   - "cpu_kernel": the same algorithm as a small C kernel (`h1rl.models.scan_kernel`: OpenMP over batch rows
     and blocks of heads, torch's thread count), compiled with gcc at first use and loaded with ctypes.
-  - "cuda": mamba-ssm's `selective_scan_fn`, when mamba-ssm is importable and the tensors are on CUDA.
-    It has no initial state, so "auto" uses "torch" on CUDA when an initial state is given.
-    Never exercised by the CPU tests.
+  - "cuda": mamba-ssm's `selective_scan_fn`, when mamba-ssm is importable and the tensors are on CUDA. The kernel
+    takes no initial state, so a continuation (a chunked prefill's later chunks, the rows of a shared prompt) is
+    run on it through `prepend_state_steps`: N steps prepended to the sequence rebuild the state exactly (in
+    float32) before the real ones run. Its output and gradients are the continuation's (tested on CPU with the
+    kernel stood in by the reference); a fresh state (None) runs the kernel as it is.
   - "auto": "cuda" if usable, else "cpu_kernel" on CPU tensors if it compiled, else "torch".
 - `selective_state_update`: one decode step, in place on a float32 state (mamba-ssm's Triton kernel on CUDA
   when importable, else torch).
@@ -175,7 +177,7 @@ def _torch_backward(x, dt, A, B, C, ckpt, dy, dsT, has_s0):
 
 
 def cuda_scan_available():
-    """True if mamba-ssm's CUDA selective scan is importable (it takes no initial state; see `selective_scan`)."""
+    """True if mamba-ssm's CUDA selective scan is importable (see `selective_scan` for how it continues a state)."""
     return _mamba_scan_fn is not None
 
 
@@ -211,28 +213,60 @@ class _ScanFn(torch.autograd.Function):
 # CUDA kernels from mamba-ssm (optional; not exercised by the CPU tests)
 
 
-def _cuda_scan(x, dt, A, B, C):
-    """mamba-ssm's fused scan. It takes u/delta as (b, H*P, T), A (H*P, N), B/C (b, H, N, T) and returns the
-    last state as (b, H*P, N); dt is already positive, hence delta_softplus=False."""
+def prepend_state_steps(x, dt, A, B, C, initial_state):
+    """N steps (N = state size) put before the sequence, in float32, that take a zero state to `initial_state`: step
+    k has B = e_k (for every head), C = 0, dt = d (per channel) and x = s0[..., k] / (d * exp(d A[..., k] (N-1-k))),
+    so it writes state component k and the later prepended steps decay it by exactly what x divided out. A scan that
+    starts from zero over the N + T steps therefore returns the continuation's outputs (its last T) and final state,
+    and its gradients reach `initial_state` and A through x. d = 1 / (1 + N max_n |A|) per channel keeps every
+    decay above exp(-1) (no underflow); it is a constant to autograd. Returns x, dt, B, C over N + T steps."""
     Bsz, T, H, P = x.shape
     N = A.shape[-1]
-    u, delta = (t.reshape(Bsz, T, H * P).transpose(1, 2) for t in (x, dt.to(x.dtype)))  # (B, H*P, T)
-    Bk, Ck = (t.to(x.dtype).permute(0, 2, 3, 1) for t in (B, C))  # (B, H, N, T)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    Ac = A.to(cd)
+    d = (1.0 / (1.0 + N * Ac.abs().amax(-1))).detach()  # (H, P)
+    later = torch.arange(N - 1, -1, -1, device=x.device, dtype=cd)  # (N,) prepended steps after step k
+    x_pre = initial_state.to(cd) / (d[..., None] * torch.exp(d[..., None] * Ac * later))  # (B, H, P, N)
+    x_pre = x_pre.permute(0, 3, 1, 2)  # (B, N, H, P): prepended step k carries component k
+    dt_pre = d.expand(Bsz, N, H, P)
+    B_pre = torch.eye(N, device=x.device, dtype=cd).view(1, N, 1, N).expand(Bsz, N, H, N)  # (B, N, H, N): e_k
+    C_pre = B_pre.new_zeros(Bsz, N, H, N)
+    return (torch.cat([x_pre, x.to(cd)], 1), torch.cat([dt_pre, dt.to(cd)], 1),
+            torch.cat([B_pre, B.to(cd)], 1), torch.cat([C_pre, C.to(cd)], 1))
+
+
+def _cuda_scan(x, dt, A, B, C, initial_state=None):
+    """mamba-ssm's fused scan. It takes u/delta as (b, H*P, T), A (H*P, N), B/C (b, H, N, T) and returns the
+    last state as (b, H*P, N); dt is already positive, hence delta_softplus=False. A continuation from
+    `initial_state` runs over the steps of `prepend_state_steps` (in float32), whose outputs are dropped."""
+    Bsz, T, H, P = x.shape
+    N = A.shape[-1]
+    dtype = x.dtype
+    if initial_state is not None:
+        x, dt, B, C = prepend_state_steps(x, dt, A, B, C, initial_state)
+    L = x.shape[1]
+    u, delta = (t.reshape(Bsz, L, H * P).transpose(1, 2) for t in (x, dt.to(x.dtype)))  # (B, H*P, L)
+    Bk, Ck = (t.to(x.dtype).permute(0, 2, 3, 1) for t in (B, C))  # (B, H, N, L)
     y, sT = _mamba_scan_fn(u, delta, A.reshape(H * P, N).float(), Bk, Ck, delta_softplus=False, return_last_state=True)
-    return y.transpose(1, 2).reshape(Bsz, T, H, P), sT.float().reshape(Bsz, H, P, N)
+    y = y.transpose(1, 2).reshape(Bsz, L, H, P)[:, L - T :]  # (B, T, H, P): the prepended steps' outputs dropped
+    return y.to(dtype), sT.float().reshape(Bsz, H, P, N)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # public entry points
 
 
-def _resolve_impl(impl, x, initial_state):
+def _is_cuda(x) -> bool:  # a seam: the dispatch tests stand the kernel in on CPU tensors
+    return x.is_cuda
+
+
+def _resolve_impl(impl, x):
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: impl must be one of {IMPLS}, got {impl!r}")
-    cuda_ok = _mamba_scan_fn is not None and x.is_cuda and initial_state is None
+    cuda_ok = _mamba_scan_fn is not None and _is_cuda(x)
     if impl == "cuda" and not cuda_ok:
         raise ValueError(
-            "selective_scan: impl='cuda' needs mamba-ssm installed, CUDA tensors and initial_state=None "
+            "selective_scan: impl='cuda' needs mamba-ssm installed and CUDA tensors "
             f"(mamba-ssm importable: {_mamba_scan_fn is not None}, device: {x.device}); use impl='auto' or 'torch'"
         )
     if impl == "cpu_kernel" and x.device.type != "cpu":
@@ -246,13 +280,13 @@ def selective_scan(x, dt, A, B, C, initial_state=None, return_final_state=False,
     """x, dt: (B, T, H, P); A: (H, P, N); B, C: (B, T, H, N); initial_state: (B, H, P, N) or None.
     Returns y (B, T, H, P) in x.dtype [and final state (B, H, P, N) float32 if return_final_state]."""
     _check_shapes(x, dt, A, B, C, initial_state)
-    impl = _resolve_impl(impl, x, initial_state)
+    impl = _resolve_impl(impl, x)
     if impl == "cpu_kernel" and not cpu_kernel_available():
         impl = "torch"
     if impl == "ref":
         return selective_scan_ref(x, dt, A, B, C, initial_state, return_final_state)
     if impl == "cuda":
-        y, sT = _cuda_scan(x, dt, A, B, C)
+        y, sT = _cuda_scan(x, dt, A, B, C, initial_state)
     else:
         cd = torch.float64 if impl == "torch" and x.dtype == torch.float64 else torch.float32
         fmt = torch.contiguous_format if impl == "cpu_kernel" else torch.preserve_format  # one copy at most

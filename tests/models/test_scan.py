@@ -218,3 +218,71 @@ def test_kernel_disabled_by_env_falls_back(monkeypatch, tmp_path):
         assert not any(tmp_path.iterdir())
     finally:
         scan_kernel._cpu_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 5, 4), (1, 40, 2, 3, 7), (2, 33, 3, 4, 16)])
+def test_prepended_state_steps_continue_a_state(shape, seed):
+    """A scan from zero over `prepend_state_steps` + the sequence equals the scan from the initial state: outputs
+    (its last T), final state, and the gradients of every input, the initial state and A included (float64)."""
+    N = shape[-1]
+    inputs = make_inputs(*shape)
+    dy, dsT = torch.randn(*shape[:4], dtype=torch.float64), torch.randn(shape[0], *shape[2:], dtype=torch.float64)
+
+    def via_prefix(x, dt, A, B, C, initial_state, return_final_state):
+        xs, dts, Bs, Cs = scan.prepend_state_steps(x, dt, A, B, C, initial_state)
+        y, sT = selective_scan_ref(xs, dts, A, Bs, Cs, return_final_state=True)
+        return y[:, N:], sT
+
+    got = run(via_prefix, inputs, dy, dsT)
+    ref = run(selective_scan_ref, inputs, dy, dsT)
+    names = ["y", "sT", "x", "dt", "A", "B", "C", "s0"]
+    for a, b, name in zip(got[:2] + tuple(got[2]), ref[:2] + tuple(ref[2]), names):
+        assert rel_err(a, b) < 1e-9, f"{name} (seed {seed})"
+
+
+class StandInKernel:
+    """mamba-ssm's `selective_scan_fn` (u, delta (b, D, L); A (D, N); B, C (b, G, N, L)), computed on CPU by the
+    reference scan; records the sequence length of every call."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, u, delta, A, B, C, delta_softplus=False, return_last_state=False):
+        assert not delta_softplus and return_last_state
+        b, D, L = u.shape
+        G, N = B.shape[1], B.shape[2]
+        H, P = G, D // G
+        self.lengths.append(L)
+        y, sT = selective_scan_ref(u.transpose(1, 2).reshape(b, L, H, P), delta.transpose(1, 2).reshape(b, L, H, P),
+                                   A.reshape(H, P, N), B.permute(0, 3, 1, 2), C.permute(0, 3, 1, 2),
+                                   return_final_state=True)
+        return y.reshape(b, L, D).transpose(1, 2), sT.reshape(b, D, N)
+
+
+def test_cuda_dispatch_with_the_kernel_stood_in(monkeypatch):
+    """With mamba-ssm's kernel available (stood in on CPU), a fresh state runs the kernel as is, and a continuation
+    (the rollout's later prefill chunks) runs it over N prepended steps; both equal the torch scan. Through the
+    model: a fresh cache's first chunk is a plain kernel call, the next chunk a continuation."""
+    kernel = StandInKernel()
+    monkeypatch.setattr(scan, "_mamba_scan_fn", kernel)
+    monkeypatch.setattr(scan, "_is_cuda", lambda x: True)
+    x, dt, A, B, C, s0 = make_inputs(2, 9, 3, 4, 8, dtype=torch.float32)
+    y, sT = selective_scan(x, dt, A, B, C, return_final_state=True)
+    y_torch, sT_torch = selective_scan(x, dt, A, B, C, return_final_state=True, impl="torch")
+    assert kernel.lengths == [9] and rel_err(y, y_torch) < 1e-5 and rel_err(sT, sT_torch) < 1e-5
+    y, sT = selective_scan(x, dt, A, B, C, initial_state=s0, return_final_state=True)
+    y_torch, sT_torch = selective_scan(x, dt, A, B, C, initial_state=s0, return_final_state=True, impl="torch")
+    assert kernel.lengths[-1] == 8 + 9 and rel_err(y, y_torch) < 1e-5 and rel_err(sT, sT_torch) < 1e-5
+
+    from conftest import tiny_model
+
+    model = tiny_model(["m2", "t"])  # d_state 8
+    ids = torch.randint(1, 97, (2, 10))
+    kernel.lengths.clear()
+    cache = model.allocate_cache(2, 10)
+    with torch.no_grad():
+        model(ids[:, :6], cache=cache, use_cache=True)  # fresh cache: no initial state
+        chunked = model(ids[:, 6:], cache=cache, use_cache=True).logits
+        whole = model(ids).logits[:, 6:]
+    assert kernel.lengths == [6, 8 + 4, 10]
+    assert (chunked - whole).abs().max() <= 1e-5

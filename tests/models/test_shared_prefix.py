@@ -61,29 +61,67 @@ def test_shared_prefix_forward_and_gradients_equal_the_plain_forward(layout):
         torch.testing.assert_close(shared_grads[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=name)
 
 
-def test_prefix_groups_and_fallbacks():
+def test_prefix_groups():
     ids = torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2]])
     first, group = prefix_groups(ids, None)  # rows anywhere in the batch (TRL shuffles them)
     assert group.tolist() == [0, 1, 0, 0] and first.tolist() == [0, 1]
     mask = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 1]])  # rows 0 and 2: equal ids, different masks
     first, group = prefix_groups(ids, mask)
     assert group[0] == group[3] != group[2] and len(first) == 3
-    assert prefix_groups(ids[:2], None) is None  # every prefix distinct: plain forward
+    first, group = prefix_groups(ids[:2], None)  # every prefix distinct: groups of one
+    assert first.tolist() == [0, 1] and group.tolist() == [0, 1]
     model = tiny_model(["t", "m2"])
     with pytest.raises(ValueError, match="length must be >= 1"):
         with model.model.sharing_prefix(0):
             pass
 
 
-def test_no_repeats_and_checkpointing_take_the_plain_path():
-    """Without repeated prefixes, or under gradient checkpointing, the shared path is not taken (same outputs)."""
+def module_calls(model, run) -> dict[str, int]:
+    """How many times `run()` calls each module of `model` (what ZeRO-3's parameter gathering follows)."""
+    counts: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+             for name, m in model.named_modules()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+@pytest.mark.parametrize("layout", [["t", "m2", "m2", "t"], ["m2", "i", "t"]])
+def test_layer_calls_do_not_depend_on_the_data(layout):
+    """Under sharing_prefix a batch whose rows share their prompts and one whose rows are all distinct call every
+    module equally often (ZeRO-3 processes holding either must gather the same parameters in the same order), in
+    training and in a no-grad (reference-model) forward, and the all-distinct batch still equals the plain forward."""
+    generator = torch.Generator().manual_seed(5)
+    model = tiny_model(layout).train()
+    shared_ids, shared_mask = grouped_batch(generator, [3, 2], prefix_len=5, rest_len=4)
+    distinct_ids, distinct_mask = grouped_batch(generator, [1, 1, 1, 1, 1], prefix_len=5, rest_len=4)
+
+    def forward(ids, mask, grad=True):
+        with torch.set_grad_enabled(grad), model.model.sharing_prefix(5):
+            return model(ids, attention_mask=mask).logits
+
+    for grad in (True, False):
+        calls = [module_calls(model, lambda ids=ids, mask=mask, grad=grad: forward(ids, mask, grad))
+                 for ids, mask in ((shared_ids, shared_mask), (distinct_ids, distinct_mask))]
+        assert calls[0] == calls[1]
+        assert all(calls[0][f"model.layers.{i}"] == 2 for i, code in enumerate(layout) if code != "i")  # two phases
+    weights = torch.randn(*distinct_ids.shape, model.config.vocab_size, generator=generator)
+    plain, plain_grads = forward_backward(model, distinct_ids, distinct_mask, weights)
+    shared, shared_grads = forward_backward(model, distinct_ids, distinct_mask, weights, share_len=5)
+    real = distinct_mask.bool()
+    torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(shared_grads[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_checkpointing_takes_the_plain_path():
+    """Under gradient checkpointing (training) the shared path is not taken: same outputs, one call per layer."""
     generator = torch.Generator().manual_seed(3)
     model = tiny_model(["t", "m2"]).train()
-    ids, mask = grouped_batch(generator, [1, 1, 1], prefix_len=5, rest_len=4)
-    weights = torch.randn(*ids.shape, model.config.vocab_size, generator=generator)
-    plain, _ = forward_backward(model, ids, mask, weights)
-    shared, _ = forward_backward(model, ids, mask, weights, share_len=5)
-    assert torch.equal(plain, shared)
     model.gradient_checkpointing_enable()
     ids, mask = grouped_batch(generator, [3, 2], prefix_len=5, rest_len=4)
     weights = torch.randn(*ids.shape, model.config.vocab_size, generator=generator)
