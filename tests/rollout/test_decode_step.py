@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import left_padded_batch, tiny_model
 
-from h1rl.models.cache import KVState
 from h1rl.rollout import RolloutEngine, SamplingParams
 from h1rl.rollout.decode_step import StaticDecoder, batch_buckets
 
@@ -27,22 +26,19 @@ def model(request):
 
 
 def decode_both_ways(model, lengths, steps, extra=3, rows_per_step=None):
-    """Prefill a left-padded batch, then teacher-force `steps` random tokens through the dynamic decode (model
-    forward with a cache) and through a StaticDecoder holding a copy of the same state. Returns the max abs
-    difference of the logits over all steps. `rows_per_step[t]`: decode only the first n rows at step t (the
-    engine's compacted batch); rows keep their buffer slots."""
+    """Prefill a left-padded batch, then teacher-force `steps` random tokens through the model's own one-token decode
+    (forward with a cache, as `generate` runs it) and through a StaticDecoder holding a copy of the same state, all
+    rows writing the same column. Returns the max abs difference of the logits over all steps. `rows_per_step[t]`:
+    decode only the first n rows at step t (the engine's compacted batch); rows keep their buffer slots."""
     ids, mask = left_padded_batch(lengths)
     B, Tp = ids.shape
     Smax = Tp + steps + extra  # spare columns the static step must ignore
     with torch.no_grad():
-        prefill = model.allocate_cache(B, Tp)
-        model(ids, attention_mask=mask, cache=prefill, use_cache=True)
-        dynamic = model.allocate_cache(B, Smax)
-        dynamic.fill_repeated_(prefill, 1)
+        dynamic = model.allocate_cache(B, Smax)  # big enough: the model never reallocates it under a narrowed view
+        model(ids, attention_mask=mask, cache=dynamic, use_cache=True)
         decoder = StaticDecoder(model, B, Smax)
-        decoder.cache.fill_repeated_(prefill, 1)
-    decoder.key_mask[:, :Tp] = mask.bool()
-    decoder.key_mask[:, Tp:] = True
+        decoder.cache.copy_rows_(torch.arange(B), dynamic, torch.arange(B), Tp)
+    decoder.key_valid[:, :Tp] = mask.bool()
     full_mask = torch.cat([mask, torch.ones(B, Smax - Tp, dtype=torch.long)], dim=1)
     positions = mask.sum(1)  # (B,) next RoPE position of each row
     worst = 0.0
@@ -57,16 +53,34 @@ def decode_both_ways(model, lengths, steps, extra=3, rows_per_step=None):
                 cache=dynamic.narrow(n),
                 use_cache=True,
             ).logits[:, -1]
-            # the narrowed view's fill length is a copy; keep the full cache's in step for the next narrow
-            for state in dynamic.layers:
-                if isinstance(state, KVState):
-                    state.length = Tp + t + 1
-            dynamic.seen_tokens = Tp + t + 1
-        got = decoder.step(tokens, positions[:n], write_index=Tp + t)
+        dynamic.set_length(Tp + t + 1)  # the narrowed view counted for itself
+        got = decoder.step(tokens, positions[:n], torch.full((n,), Tp + t), num_keys=Tp + t + 1)
         assert got.shape == ref.shape
         worst = max(worst, (got - ref).abs().max().item())
         positions = positions + 1
     return worst
+
+
+def test_rows_of_different_lengths_equal_a_full_forward(model):
+    """Each row at its own column (the engine's left-aligned slots): teacher-forced step-by-step logits equal one
+    full forward over each row's sequence (mamba-ssm's generation test, per row)."""
+    lengths, steps = [5, 2, 7, 3], 6
+    B, Smax = len(lengths), max(lengths) + steps
+    seqs = [torch.randint(1, 97, (n + steps,)) for n in lengths]
+    decoder = StaticDecoder(model, B, Smax)
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):  # each prompt prefilled alone, then copied into its slot
+            cache = model.allocate_cache(1, lengths[i])
+            model(seq[None, : lengths[i]], cache=cache, use_cache=True)
+            decoder.cache.copy_rows_(torch.tensor([i]), cache, torch.tensor([0]), lengths[i])
+        full = [model(seq[None]).logits[0] for seq in seqs]  # (n + steps, V) each
+    columns = torch.tensor(lengths)
+    for t in range(steps):
+        tokens = torch.stack([seq[lengths[i] + t] for i, seq in enumerate(seqs)])
+        got = decoder.step(tokens, columns, columns, num_keys=int(columns.max()) + 1)
+        for i in range(B):
+            assert (got[i] - full[i][lengths[i] + t]).abs().max() <= 1e-5, f"row {i} step {t}"
+        columns = columns + 1
 
 
 def test_static_step_equals_dynamic_decode_with_left_padding(model):
@@ -88,8 +102,10 @@ def test_batch_buckets():
     assert batch_buckets(1) == [1]
     assert batch_buckets(8) == [1, 2, 4, 8]
     assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(1500, start=256) == [256, 512, 1024, 1500]
     decoder = StaticDecoder(tiny_model(), batch_size=12, max_len=8)
     assert [decoder.bucket(n) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    assert decoder.key_buckets == [8]
     with pytest.raises(ValueError, match="1..12 rows, got 13"):
         decoder.bucket(13)
 
@@ -99,8 +115,9 @@ def test_bad_static_decoder_inputs_are_named():
     with pytest.raises(ValueError, match="cannot use CUDA graphs: the model is on cpu"):
         StaticDecoder(model, 2, 8, use_cuda_graphs=True)
     decoder = StaticDecoder(model, 2, 8)
-    with pytest.raises(ValueError, match=r"write_index 8 is outside the KV buffer \[0, 8\)"):
-        decoder.step(torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), write_index=8)
+    one, zero = torch.ones(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"num_keys 9 is outside the KV buffer \[1, 8\]"):
+        decoder.step(one, zero, zero, num_keys=9)
     with pytest.raises(ValueError, match="decode must be one of"):
         RolloutEngine(model, pad_token_id=0, decode="graphs")
     with pytest.raises(ValueError, match="decode='cuda_graph' is not possible: the model is on cpu"):
@@ -152,39 +169,42 @@ def test_engine_cuda_graph_decode_equals_eager(compact_fraction):
 
 
 class EagerGraph:
-    """Stands in for a bucket's CUDA graph on CPU: a replay runs the static step over all `bucket` rows (padding
-    rows included) into a fixed output tensor, as the captured graph would."""
+    """Stands in for a (batch, key) bucket's CUDA graph on CPU: a replay runs the static step over all `bucket` rows
+    (padding rows included) and `keys` columns into the decoder's one logits buffer, as the captured graph would."""
 
-    def __init__(self, decoder: StaticDecoder, bucket: int):
-        self.decoder, self.bucket = decoder, bucket
-        self.logits = torch.empty(bucket, decoder.model.config.vocab_size)
+    def __init__(self, decoder: StaticDecoder, bucket: int, keys: int):
+        self.decoder, self.bucket, self.keys = decoder, bucket, keys
         self.replays_with_padding = 0
 
     def replay(self):
         n_active = int(self.decoder._active)
         self.replays_with_padding += int(n_active < self.bucket)
-        self.logits.copy_(self.decoder.forward(self.bucket))
+        self.decoder._logits[: self.bucket].copy_(self.decoder.forward(self.bucket, self.keys))
 
 
 def test_engine_bucketed_replay_with_padding_rows_equals_eager(monkeypatch):
-    """The graph path's bookkeeping (buckets, padding rows, compaction inside the same buffers), run on CPU."""
+    """The graph path's bookkeeping (batch and key buckets, padding rows, compaction inside the same buffers), run
+    on CPU."""
     import h1rl.rollout.decode_step as decode_step
     import h1rl.rollout.engine as engine_module
 
     graphs = []
 
-    def capture(self, b):
-        graphs.append(EagerGraph(self, b))
-        self._graphs[b] = (graphs[-1], graphs[-1].logits)
+    def capture(self, b, k):
+        if self._logits is None:
+            self._logits = torch.empty(self.batch_size, self.model.config.vocab_size)
+        graphs.append(EagerGraph(self, b, k))
+        self._graphs[b, k] = graphs[-1]
 
     original_step = StaticDecoder.step
 
-    def step(self, tokens, positions, write_index):
+    def step(self, tokens, positions, columns, num_keys=None):
         self._active = tokens.shape[0]
-        return original_step(self, tokens, positions, write_index)
+        return original_step(self, tokens, positions, columns, num_keys)
 
     monkeypatch.setattr(decode_step, "graphs_unsupported_reason", lambda model: None)
     monkeypatch.setattr(engine_module, "graphs_unsupported_reason", lambda model: None)
+    monkeypatch.setattr(decode_step, "MIN_KEY_BUCKET", 4)  # several key buckets at this size
     monkeypatch.setattr(StaticDecoder, "_capture", capture)
     monkeypatch.setattr(StaticDecoder, "step", step)
     torch.manual_seed(0)
@@ -194,4 +214,5 @@ def test_engine_bucketed_replay_with_padding_rows_equals_eager(monkeypatch):
     eager = RolloutEngine(model, 0, compact_fraction=0.0, decode="eager").generate(prompts, 3, params)
     graphed = RolloutEngine(model, 0, compact_fraction=0.0, decode="cuda_graph").generate(prompts, 3, params)
     assert_same_rollouts(eager, graphed)
-    assert len(graphs) > 1 and sum(g.replays_with_padding for g in graphs) > 0  # several buckets, padded replays
+    assert len({g.bucket for g in graphs}) > 1 and len({g.keys for g in graphs}) > 1  # several buckets of each
+    assert sum(g.replays_with_padding for g in graphs) > 0

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from h1rl.rollout import RolloutEngine, SamplingParams
+from h1rl.rollout import RolloutBudget, RolloutEngine, SamplingParams
+from h1rl.rollout.engine import bytes_per_row
 from h1rl.rollout.sampling import truncate
 
 LAYOUTS = {
@@ -168,3 +169,55 @@ def test_bad_inputs_are_named():
         SamplingParams(top_p=0)
     with pytest.raises(TypeError, match="needs an h1rl HybridForCausalLM"):
         RolloutEngine(torch.nn.Linear(2, 2), pad_token_id=0)
+
+
+@pytest.mark.parametrize("max_rows,prefill_chunk", [(1, 1), (2, 3), (5, 2), (7, 4)])
+def test_tight_budget_and_chunked_prefill_equal_an_unbounded_rollout(model, max_rows, prefill_chunk):
+    """Rows decoded a few at a time (continuous batching: a finished row's slot goes to the next waiting row) and
+    prompts prefilled a few tokens per call give the tokens and log-probs of one unbounded rollout (fp32)."""
+    prompts = random_prompts([6, 2, 9, 4])
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, stop_token_ids=list(range(1, 97, 8)),
+                            repetition_penalty=1.2, seed=21)
+    unbounded = RolloutEngine(model, pad_token_id=0).generate(prompts, 3, params)
+    budget = RolloutBudget(max_rows=max_rows, prefill_chunk=prefill_chunk)
+    tight = RolloutEngine(model, pad_token_id=0, budget=budget).generate(prompts, 3, params)
+    assert len(set(unbounded.lengths.tolist())) > 2  # rows finish at different steps: slots are refilled
+    assert torch.equal(tight.completion_ids, unbounded.completion_ids)
+    assert torch.equal(tight.lengths, unbounded.lengths) and tight.finish_reasons == unbounded.finish_reasons
+    assert (tight.logprobs - unbounded.logprobs).abs().max() <= 1e-5
+    assert tight.stats["rows_at_once"] == max_rows and unbounded.stats["rows_at_once"] == 12
+    assert tight.stats["decode_steps"] > unbounded.stats["decode_steps"]
+    assert tight.stats["prompts_prefilled"] == len(prompts)  # a prompt whose rows straddle admissions: once
+    assert tight.stats["prefill_calls"] >= -(-9 // prefill_chunk)
+
+
+def test_memory_budget_sets_the_rows_and_names_itself_when_too_small(monkeypatch):
+    import h1rl.rollout.engine as engine_module
+
+    model = tiny_model()
+    prompts = random_prompts([5, 3])
+    config, dtype_bytes = model.config, 4
+    per_row = bytes_per_row(config, 5 + 8, 5, 2048, dtype_bytes)
+    budget = RolloutBudget(memory_gb=3.5 * per_row / 2**30)
+    out = RolloutEngine(model, 0, budget=budget).generate(prompts, 4, SamplingParams(max_new_tokens=8, seed=0))
+    assert out.stats["rows_at_once"] == 3
+    with pytest.raises(ValueError, match=r"rollout budget \(memory_gb=.*\) holds no row: one row of 5 prompt \+ 8"):
+        RolloutEngine(model, 0, budget=RolloutBudget(memory_gb=per_row / 2 / 2**30)).generate(
+            prompts, 4, SamplingParams(max_new_tokens=8))
+    # on CUDA the default is a fraction of the free memory; on CPU there is no limit
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    limit, source = engine_module.memory_budget(RolloutBudget(), torch.device("cuda", 0))
+    assert limit == pytest.approx(0.9 * 10 * 2**30) and "free memory" in source
+    assert engine_module.memory_budget(RolloutBudget(), torch.device("cpu"))[0] is None
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        RolloutBudget(prefill_chunk=0)
+
+
+def test_bytes_per_row_counts_the_kv_of_attention_layers_only():
+    from conftest import tiny_config
+
+    hybrid, teacher = tiny_config(["t", "m2", "m2", "t"]), tiny_config(["t", "t", "t", "t"])
+    long_h, long_t = (bytes_per_row(c, 4096 + 1024, 1024, 256, 2) for c in (hybrid, teacher))
+    short_h, short_t = (bytes_per_row(c, 1024 + 64, 1024, 256, 2) for c in (hybrid, teacher))
+    kv_token = 2 * hybrid.num_key_value_heads * hybrid.head_dim * 2  # one attention layer, bf16
+    assert (long_t - short_t) - (long_h - short_h) == 2 * kv_token * (4096 - 64)  # 2 more attention layers
