@@ -27,6 +27,7 @@ CUDA when installed (guarded imports); the pure-torch path runs everywhere and i
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,22 @@ class MambaMixer(nn.Module):
         # partitioned (empty here): transformers then runs `_init_weights` with them gathered, module by module.
         if not hasattr(self.dt_proj.weight, "ds_id"):
             self.init_weights()
+        self.register_external_parameters()
+
+    def register_external_parameters(self) -> None:
+        """Tell DeepSpeed ZeRO-3 that this mixer reads dt_proj's bias and conv1d's weight and bias outside those
+        modules' forward (it adds the bias a second time and runs the convolution itself), so that its hooks gather
+        them with the mixer's own. DeepSpeed finds such parameters by itself only in forwards that go through its
+        engine; a rollout with the weights left partitioned calls the model directly and would read empty tensors.
+        A no-op unless DeepSpeed is imported (every ZeRO-3 run imports it before building the model;
+        `HybridGRPOTrainer` calls this again for a model built before)."""
+        if "deepspeed" not in sys.modules:
+            return
+        import deepspeed
+
+        for param in (self.dt_proj.bias, self.conv1d.weight, self.conv1d.bias):
+            if param is not None:
+                deepspeed.zero.register_external_parameter(self, param)
 
     @torch.no_grad()
     def init_weights(self) -> None:

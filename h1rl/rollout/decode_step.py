@@ -76,8 +76,14 @@ def graphs_unsupported_reason(model: HybridForCausalLM) -> str | None:
 
 
 def params_partitioned(model: torch.nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 holds `model`'s parameters partitioned (gathered by hooks at every forward)."""
+    """Whether DeepSpeed ZeRO-3 holds some of `model`'s parameters partitioned right now."""
     return any(getattr(p, "ds_id", None) is not None and p.numel() == 0 for p in model.parameters())
+
+
+def zero3_managed(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages `model`'s parameters (gathered or not at this moment: with its hooks active
+    it may release and fetch them again at any module call)."""
+    return any(getattr(p, "ds_id", None) is not None for p in model.parameters())
 
 
 class StaticDecoder:

@@ -25,11 +25,12 @@ How a rollout phase runs (`RolloutEngine.generate`):
    step their state in place. `decode`: "eager" reads the columns filled so far, "static" the whole buffer, and
    "cuda_graph" replays that step as CUDA graphs per (batch, key-length) bucket. "auto" is "eager" for now: the
    CUDA graph path has not yet run on a GPU (h1rl/bench/gpu_check.py is the prepared check).
-5. Synced decoding (DeepSpeed ZeRO-3 without gathering the weights for generation, `synced`, on by default when the
-   parameters are partitioned and several processes run): ZeRO-3 gathers each module's parameters through hooks at
-   every call, so every process must make the same number of model calls. Before each call the processes agree
-   (one all-reduce) whether any of them still has work; one that has none makes a one-token call on a scratch
-   cache, through the same modules in the same order (prefill, decode and that call share one module sequence).
+5. Synced decoding (`synced`; on by default when several processes run and DeepSpeed ZeRO-3 manages the weights):
+   left partitioned for generation (`ds3_gather_for_generation: false`), ZeRO-3 gathers each module's parameters
+   through hooks at every call, so every process must make the same number of model calls. Before each call the
+   processes agree (one all-reduce) whether any of them still has work; one that has none makes a one-token call on
+   a scratch cache, through the same modules in the same order (prefill, decode and that call share one module
+   sequence).
 6. Log-probs are `log_softmax(logits / temperature)` of each drawn token (see `h1rl.rollout.sampling`). Row r's
    t-th token uses the uniform at (t, r) of one seeded stream, drawn in token order, whatever the slot, step or
    budget, so a rollout under a tight budget samples the same tokens as an unbounded one.
@@ -48,7 +49,7 @@ import torch
 from h1rl.models.cache import HybridCache
 from h1rl.models.configuration import HybridConfig
 from h1rl.models.modeling import HybridForCausalLM
-from h1rl.rollout.decode_step import StaticDecoder, graphs_unsupported_reason, params_partitioned
+from h1rl.rollout.decode_step import StaticDecoder, graphs_unsupported_reason, zero3_managed
 from h1rl.rollout.sampling import SamplingParams, sample_next
 
 COMPACT_FRACTION = 0.125  # compact the active batch once this fraction of its rows has finished (nothing waiting)
@@ -228,13 +229,14 @@ class RolloutEngine:
         return self.decode
 
     def is_synced(self) -> bool:
-        """Whether every process must make the same model calls: several processes and ZeRO-3-partitioned weights
-        (unless `synced` was given)."""
+        """Whether every process must make the same model calls: several processes and weights managed by ZeRO-3
+        (unless `synced` was given). Gathered for generation, the weights need no calls in step, and syncing then
+        costs one all-reduce per call; left partitioned, a call that another process does not make hangs both."""
         if self.synced is not None:
             return self.synced
         dist = torch.distributed
         return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-                and params_partitioned(self.model))
+                and zero3_managed(self.model))
 
     def plan_rows(self, rows: int, prompt_len: int, max_len: int) -> int:
         """Slots: rows decoded at once within the budget (at most `rows`); an error names the budget when not one

@@ -196,6 +196,35 @@ def test_dynamic_sampling_with_two_processes(grpo_reference):
     assert all(e["dynamic_sampling/extra_rounds"] <= 2 for e in logs)
 
 
+def test_grpo_zero3_without_gathering_the_weights_for_generation(grpo_reference):
+    """`ds3_gather_for_generation: false`: the rollout runs with ZeRO-3's hooks active and the two processes' rows
+    stop at different steps (digits stop a completion); every process keeps making model calls until both are done
+    (synced decoding), and the run equals one process."""
+    root, recipe, reference, start = grpo_reference
+    ranks = launch("grpo", recipe, root / "nogather_report", f"output_dir={root / 'nogather'}", "trl.deepspeed=zero3",
+                   "trl.ds3_gather_for_generation=false", "trl.per_device_train_batch_size=4")
+    check_ranks(ranks, reference, start)
+
+
+DATA_WORKER = Path(__file__).with_name("data_worker.py")
+
+
+@pytest.mark.parametrize("stage", ["zero3", "zero2", "ddp"])
+def test_processes_with_different_data_stay_in_step(tmp_path, stage):
+    """Rank 0 holds rows that share their prompts, rank 1 all-distinct ones: the shared-prefix training step and the
+    no-grad (reference) forward call the same modules on both; under ZeRO-3 a rollout with partitioned weights where
+    rank 0's rows stop at their first token and rank 1's run to the cap finishes, and equals the gathered rollout."""
+    cmd = [sys.executable, *LAUNCHERS["torchrun"], str(free_port()), str(DATA_WORKER), stage, str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["reference_sum"]])).all() for r in ranks)
+    if stage == "zero3":
+        first, second = ranks
+        assert first["partitioned"] == first["gathered"] and all(len(c) == 1 for c in first["partitioned"])
+        assert second["partitioned"] == second["gathered"] and all(len(c) == 6 for c in second["partitioned"])
+
+
 # -------------------------------------------------------------------------------------------------- distillation
 
 
