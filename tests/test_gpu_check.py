@@ -13,8 +13,11 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     assert main(["--cpu-smoke", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["mode"] == "cpu-smoke" and results["failed_sections"] == []
-    sections = ["a_kernels", "b_scan", "b_mixer", "c_engine_modes", "d_logprobs", "e_timing", "f_grpo_step"]
+    sections = ["a_kernels", "b_scan", "b_mixer", "c_engine_modes", "d_logprobs", "e_timing", "f_grpo_step",
+                "g_fused_attention", "h_synced_decode"]
     assert all(key in results and "error" not in results[key] for key in sections)
+    assert results["g_fused_attention"]["all_fused"] and len(results["g_fused_attention"]["rows"]) == 5
+    assert results["h_synced_decode"]["ok"]
     grpo = results["f_grpo_step"]
     assert grpo["settings"]["device"] == "cpu" and grpo["speedup"] > 0
     hybrids = {"h1rl HybridGRPOTrainer", "h1rl, share_prompt_prefix on", "h1rl, share_prompt_prefix off",

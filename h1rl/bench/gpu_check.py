@@ -16,8 +16,17 @@ e. tokens/s: engine (eager, cuda_graph) vs `model.generate` on a hybrid of hidde
 f. one GRPO step's wall time, `HybridGRPOTrainer` (engine) vs stock `trl.GRPOTrainer` (`model.generate`) on the
    same hybrid (hidden `--hidden`, `--layers`, half m2, float32) and `GRPOConfig`: `--batch` prompts x G,
    256 new tokens (`h1rl bench grpo` on the GPU; issue #5's 2.5x target); then the hybrid trainer again with
-   `share_prompt_prefix` forced on and off (is sharing worth the torch-scan continuation where mamba-ssm is
-   installed?) and with `length_chunks=1` (what grouping rows by length brings on a GPU).
+   `share_prompt_prefix` forced on and off (is sharing worth its masked continuation on a GPU?) and with
+   `length_chunks=1` (what grouping rows by length brings on a GPU);
+g. fused attention kernels: every attention path of a training and rollout step in bf16 (training forward and
+   backward with left padding, the shared-prefix training forward, a chunked prefill of prompts of mixed lengths
+   under a tight rollout budget, the eager / static / CUDA-graph decode over partly filled KV buffers, `generate`
+   with left padding) run under `sdpa_kernel([FLASH_ATTENTION, EFFICIENT_ATTENTION])`, where a call that would fall
+   back to the math kernel raises; every call is also recorded and checked against PyTorch's rules
+   (`h1rl.bench.attention_calls`), which is all the CPU smoke can do;
+h. synced decoding: 2 processes on the one device (gloo for the engine's one flag per call), rank 0's rows stopping
+   at their first token and rank 1's running to the cap, under a tight budget and a chunked prefill: both finish and
+   each equals its own unsynced rollout (ZeRO-3 itself is in tests/zero, on CPU).
 
 Each section runs on its own: an error is printed with its traceback, recorded in the JSON, and the next section
 runs. Without mamba-ssm / causal-conv1d the torch paths still run on the GPU, and the output says so.
@@ -414,6 +423,129 @@ def check_timing(device: torch.device, args: argparse.Namespace, started: float)
 
 
 # ----------------------------------------------------------------------------------------------------------
+# g. fused attention kernels
+
+
+def attention_paths(device: torch.device, smoke: bool) -> dict[str, Callable[[], object]]:
+    """The attention paths of a training and a rollout step, on a bf16 hybrid with grouped-query heads."""
+    from h1rl.rollout import RolloutBudget
+
+    hidden, layers, vocab = (64, 4, 97) if smoke else (512, 8, 4096)
+    _, hybrid = build_pair(hidden, layers, vocab, seed=4)
+    model = hybrid.to(device=device, dtype=torch.bfloat16)
+    lengths = [5, 2, 9, 3] if smoke else [60, 17, 130, 33]
+    prompts = random_prompts(lengths, vocab, seed=4)
+    ids = torch.zeros(len(lengths), max(lengths) + 8, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):  # TRL's layout: left-padded prompt, right-padded completion
+        start = max(lengths) - len(p)
+        ids[r, start : max(lengths) + 8 - r] = torch.randint(1, vocab, (len(p) + 8 - r,), device=device)
+        mask[r, start : max(lengths) + 8 - r] = 1
+    params = SamplingParams(max_new_tokens=6 if smoke else 24, temperature=1.0, stop_token_ids=[1, 2, 3], seed=0)
+    budget = RolloutBudget(max_rows=3, prefill_chunk=4 if smoke else 48)
+
+    def train(share: bool = False) -> None:
+        model.train()
+        ctx = model.model.sharing_prefix(max(lengths)) if share else contextlib.nullcontext()
+        with ctx:
+            model(ids, attention_mask=mask, use_cache=False).logits.float().mean().backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    def rollout(mode: str):
+        return lambda: RolloutEngine(model, 0, decode=mode, budget=budget).generate(prompts, 2, params)
+
+    paths = {"training forward+backward, left padding": train,
+             "shared-prefix training forward": lambda: train(share=True)}
+    for mode in decode_modes(device):
+        paths[f"rollout: chunked prefill + {mode} decode"] = rollout(mode)
+    paths["generate, left padding"] = lambda: model.generate(
+        ids[:, : max(lengths)], attention_mask=mask[:, : max(lengths)], max_new_tokens=4, do_sample=False,
+        pad_token_id=0)
+    return paths
+
+
+def check_fused_attention(device: torch.device, smoke: bool) -> dict:
+    from h1rl.bench.attention_calls import fused_kernels, record_attention_calls
+
+    rows = []
+    for name, run in attention_paths(device, smoke).items():
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            restricted = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+        else:
+            restricted = contextlib.nullcontext()
+        error = ""
+        with record_attention_calls() as calls, restricted:
+            try:
+                with torch.no_grad() if "training" not in name else contextlib.nullcontext():
+                    run()
+            except RuntimeError as err:  # "No available kernel": a math fallback under the restriction
+                error = f"{type(err).__name__}: {str(err)[:120]}"
+        kernels = [fused_kernels(c) for c in calls]
+        rows.append({"path": name, "calls": len(calls), "flash": sum("flash" in k for k in kernels),
+                     "efficient_only": sum(k == {"efficient"} for k in kernels),
+                     "rules_refuse": sum(not k for k in kernels),
+                     "ran_fused_only": "skipped: no CUDA" if device.type != "cuda" else not error, "error": error})
+    print_table("g. attention calls per path (bf16): fused-kernel eligibility by PyTorch's rules, and on CUDA a run "
+                "with the math kernel disabled", rows)
+    ok = all(r["rules_refuse"] == 0 and not r["error"] for r in rows)
+    print(f"  every call fused: {ok}")
+    return {"rows": rows, "all_fused": ok}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# h. synced decoding
+
+
+def _synced_rank(rank: int, port: int, device_type: str, smoke: bool, out: str) -> None:
+    import os
+
+    from h1rl.rollout import RolloutBudget
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    device = torch.device(device_type)
+    hidden, layers, vocab = (64, 4, 97) if smoke else (512, 8, 4096)
+    _, hybrid = build_pair(hidden, layers, vocab, seed=5)
+    model = hybrid.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    lengths = ([7, 2] if rank == 0 else [3, 11]) if smoke else ([70, 20] if rank == 0 else [30, 110])
+    prompts = random_prompts(lengths, vocab, seed=10 + rank)
+    stops = list(range(vocab)) if rank == 0 else []  # rank 0: every row stops at its first token
+    params = SamplingParams(max_new_tokens=6 if smoke else 64, temperature=1.0, stop_token_ids=stops, seed=rank)
+    budget = RolloutBudget(max_rows=3, prefill_chunk=4 if smoke else 32)
+    start = time.perf_counter()
+    synced = RolloutEngine(model, 0, budget=budget, synced=True).generate(prompts, 2, params)
+    seconds = time.perf_counter() - start
+    torch.distributed.barrier()
+    alone = RolloutEngine(model, 0, budget=budget, synced=False).generate(prompts, 2, params)
+    result = {"rank": rank, "seconds": seconds, "lengths": synced.lengths.tolist(),
+              "equals_unsynced": synced.completions() == alone.completions()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def check_synced_decode(device: torch.device, smoke: bool) -> dict:
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_synced_rank, args=(port, device.type, smoke, out), nprocs=2, join=True,
+                           start_method="spawn")
+        rows = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    print_table("h. synced decoding, 2 processes, rank 0 stops at the first token, rank 1 runs to the cap", rows)
+    ok = all(r["equals_unsynced"] for r in rows) and max(rows[0]["lengths"]) == 1
+    print(f"  both finished, each equal to its unsynced rollout: {ok}")
+    return {"rows": rows, "ok": ok}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -422,8 +554,7 @@ def check_grpo_step(device: torch.device, args: argparse.Namespace) -> dict:
 
     print(f"\nf. GRPO step: HybridGRPOTrainer vs trl.GRPOTrainer on {device.type}")
     steps = 1 if args.cpu_smoke else 2
-    # the defaults, and the two training-pass savings toggled: prompt sharing is off by default on a GPU with
-    # mamba-ssm (its scan cannot continue from a state, so the rows' continuations would use the torch scan)
+    # the defaults, and the two training-pass savings toggled
     variants = {"share_prompt_prefix on": {"share_prompt_prefix": True},
                 "share_prompt_prefix off": {"share_prompt_prefix": False}, "length_chunks 1": {"length_chunks": 1}}
     return run_grpo_benchmark(new_tokens=args.grpo_new_tokens, generations=args.generations, prompts=args.batch,
@@ -445,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=512, help="e1: generated tokens")
     p.add_argument("--teacher-compile", action="store_true", help="let generate torch.compile the teacher")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip e2 rows that start after this many seconds")
-    p.add_argument("--skip", nargs="*", default=[], choices=list("abcdef"), help="sections to skip")
+    p.add_argument("--skip", nargs="*", default=[], choices=list("abcdefgh"), help="sections to skip")
     p.add_argument("--grpo-new-tokens", type=int, default=256, help="f: max completion length of the GRPO step")
     return p
 
@@ -471,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         "d_logprobs": ("d", lambda: check_logprobs(device, args.cpu_smoke)),
         "e_timing": ("e", lambda: check_timing(device, args, started)),
         "f_grpo_step": ("f", lambda: check_grpo_step(device, args)),
+        "g_fused_attention": ("g", lambda: check_fused_attention(device, args.cpu_smoke)),
+        "h_synced_decode": ("h", lambda: check_synced_decode(device, args.cpu_smoke)),
     }
     failed = []
     for key, (letter, fn) in sections.items():
