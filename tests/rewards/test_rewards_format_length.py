@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import doctest
+import pickle
 import time
 from pathlib import Path
 
 import pytest
+from trl.rewards import get_soft_overlong_punishment
 
 import h1rl.rewards.accuracy
 import h1rl.rewards.contract
@@ -118,10 +120,36 @@ def test_overlong_penalty_matches_dapo():
     assert cliff(completion_ids=[[1] * 10, [1] * 11]) == [0.0, -1.0]
 
 
+@pytest.mark.parametrize("max_length", [1, 2, 7, 100, 4096])
+@pytest.mark.parametrize("cache_frac", [0.0, 0.25, 0.5, 1.0])
+def test_overlong_penalty_equals_trl(max_length, cache_frac):
+    """Same values as TRL's `get_soft_overlong_punishment` (exactly) on every length around and between the
+    boundaries; only the log name differs. Picklable, like TRL's (its async rollout worker pickles rewards)."""
+    cache_length = int(max_length * cache_frac)
+    free = max_length - cache_length
+    around = [free - 1, free, free + 1, (free + max_length) // 2, max_length - 1, max_length, max_length + 1]
+    lengths = sorted({n for n in [0, 1, *around, 3 * max_length] if n >= 0})
+    ids = [[5] * n for n in lengths]
+    ours = overlong_penalty(max_length, cache_length)
+    trl_reward = get_soft_overlong_punishment(max_completion_len=max_length, soft_punish_cache=cache_length)
+    assert ours(completion_ids=ids) == trl_reward(ids)
+    assert pickle.loads(pickle.dumps(ours))(completion_ids=ids) == trl_reward(ids)
+    assert all(-1.0 <= r <= 0.0 for r in ours(completion_ids=ids))
+    assert ours.__name__ == "overlong_penalty" and trl_reward.__name__ == "soft_overlong_punishment_reward"
+
+
 def test_overlong_penalty_checks_its_arguments():
     with pytest.raises(ValueError, match="cache_length"):
         overlong_penalty(max_length=10, cache_length=11)
+    with pytest.raises(ValueError, match="cache_length"):
+        overlong_penalty(max_length=10, cache_length=-1)
     with pytest.raises(ValueError, match="max_length"):
         overlong_penalty(max_length=0, cache_length=0)
+    with pytest.raises(ValueError, match="max_length must be an integer"):
+        overlong_penalty(max_length=10.5, cache_length=2)
+    with pytest.raises(ValueError, match="cache_length must be an integer"):
+        overlong_penalty(max_length=10, cache_length=True)
     with pytest.raises(ValueError, match="completion_ids"):
         overlong_penalty(10, 2)(completions=["a"])
+    # what the checks guard against: TRL takes such options and penalizes an empty completion
+    assert get_soft_overlong_punishment(10, 20)([[]]) == [-0.5]
