@@ -177,16 +177,29 @@ def test_non_contiguous_inputs(impl, seed):
 @pytest.mark.skipif(not scan.cpu_kernel_available(), reason="CPU kernel did not build here")
 def test_kernel_builds_once_under_concurrent_processes(tmp_path):
     """Three processes compile into the same empty cache at once: all load a kernel, one library remains."""
-    # load scan_kernel.py on its own (it needs only torch), so that the three interpreters start fast
-    code = (
-        f"import importlib.util as u; spec = u.spec_from_file_location('scan_kernel', {scan_kernel.__file__!r}); "
-        "m = u.module_from_spec(spec); spec.loader.exec_module(m); print(m.cpu_kernel_available())"
-    )
+    code = "from h1rl.models import scan_kernel as m; print(m.cpu_kernel_available())"
     env = dict(os.environ, H1RL_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE) for _ in range(3)]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == [b"True"] * 3
     libs = list(tmp_path.glob("kernels/*/*"))
     assert [p.name for p in libs] == ["h1rl_scan.so"], libs
+
+
+@pytest.mark.skipif(not scan.cpu_kernel_available(), reason="CPU kernel did not build here")
+def test_kernel_source_is_package_data_and_keys_the_cache(monkeypatch, tmp_path):
+    """The C source comes from h1rl/models/csrc/ (as installed); an edit to it builds a new library beside the old."""
+    source = scan_kernel._c_source()
+    assert "int h1_scan_fwd(" in source and "int h1_scan_bwd(" in source
+    monkeypatch.setenv("H1RL_CACHE_DIR", str(tmp_path))
+    scan_kernel._cpu_kernel.cache_clear()
+    try:
+        assert scan.cpu_kernel_available()
+        monkeypatch.setattr(scan_kernel, "_c_source", lambda: source + "\n/* edited */\n")
+        scan_kernel._cpu_kernel.cache_clear()
+        assert scan.cpu_kernel_available()
+        assert len(list(tmp_path.glob("kernels/*/h1rl_scan.so"))) == 2
+    finally:
+        scan_kernel._cpu_kernel.cache_clear()
 
 
 def test_missing_gcc_warns_once_and_falls_back(monkeypatch, tmp_path, caplog):
