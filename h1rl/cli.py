@@ -5,7 +5,8 @@
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
     h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
                     [--length-chunks 4]
-    h1rl bench memory [--gpus 16] [--seq-len 8192]     (or python -m h1rl.bench.memory --help for every knob)
+    h1rl bench memory --measure [--seq-lens 8192 32768] [--gpus N] [--json FILE]   (--help: every knob; without
+                      --measure: the arithmetic table)
     h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
     h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
     h1rl demo [--quick] [--config recipes/demo.yaml] [key=value ...]
@@ -49,10 +50,6 @@ def _bench(args: argparse.Namespace) -> int:
                            gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device,
                            length_chunks=args.length_chunks)
         return 0
-    if args.what == "memory":
-        from h1rl.bench.memory import main as memory_main
-
-        return memory_main(["--gpus", str(args.gpus), "--seq-len", str(args.seq_len)])
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -76,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("bench", help="print speed measurements (side by side, one run)")
-    p.add_argument("what", choices=["scan", "rollout", "grpo", "memory"])
+    p.add_argument("what", choices=["scan", "rollout", "grpo", "memory"], help="memory: its own options, see "
+                   "`h1rl bench memory --help`")
     p.add_argument("--batch", type=int, default=4, help="sequences (scan) or distinct prompts (rollout)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048], help="scan: sequence lengths")
@@ -90,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rollout: generated lengths")
     p.add_argument("--layers", type=int, default=8, help="rollout: layers of the teacher (half become m2)")
     p.add_argument("--generations", type=int, default=8, help="rollout: completions per prompt (G)")
-    p.add_argument("--gpus", type=int, default=16, help="memory: data-parallel GPUs (N nodes x 8)")
-    p.add_argument("--seq-len", type=int, default=8192, help="memory: prompt + completion tokens")
     p.add_argument("--out", default="bench-rollout", help="rollout: folder for rollout.json and rollout.png")
     p.set_defaults(func=_bench)
 
@@ -116,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher adds --local_rank
     if argv and argv[0] in DELEGATED:
         return _delegate(DELEGATED[argv[0]][0], argv[1:])
+    if argv[:2] == ["bench", "memory"]:  # its options are h1rl.bench.memory's own
+        return _delegate("h1rl.bench.memory", argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
