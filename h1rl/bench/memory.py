@@ -845,6 +845,11 @@ def report(result: dict) -> str:
                 note = f" ({how})" if item == "gathered weights" else ""
                 cells.append("-" if nbytes is None else _gib(nbytes) + note)
             lines.append(f"| {f'**{item}**' if item == 'total per GPU' else item} | " + " | ".join(cells) + " |")
+        rooms = {name: plan["usable_bytes"] for name, plan in result["plans"].items()}
+        fits = [" / ".join("yes" if entry["rows"][phase][-1][2] <= room else "no" for room in rooms.values())
+                for phase in PHASES]
+        lines.append(f"| fits {' / '.join(rooms)} ({' / '.join(_gib(r) for r in rooms.values())} GiB usable) | "
+                     + " | ".join(fits) + " |")
         calls = " | ".join(", ".join(f"{n} {k}" for k, n in m[phase]["attention_calls"].items()) for phase in PHASES)
         lines.append(f"| attention calls (fused kernels that take them) | {calls} |")
         lines.append("| peak during | " + " | ".join(m[phase]["peak_stage"] for phase in PHASES) + " |")
