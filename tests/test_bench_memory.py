@@ -184,3 +184,10 @@ def test_measure_end_to_end_on_a_small_shape():
     assert entry["budget"]["max_rows"] == 8
     assert result["plans"]["80 GB"]["per_seq_len"][512]["fewest_gpus"]["every phase"] == 8
     assert result["seconds"] > 0
+
+
+def test_cli_delegates_bench_memory(capsys):
+    from h1rl.cli import main
+
+    assert main(["bench", "memory", "--gpus", "8"]) == 0  # without --measure: the arithmetic table
+    assert "| ZeRO-3: all sharded | 16P / 8 |" in capsys.readouterr().out
