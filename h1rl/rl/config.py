@@ -76,7 +76,7 @@ class GRPORunConfig:
     # train only on rows with a non-zero advantage where that leaves the gradient unchanged (see HybridGRPOTrainer)
     skip_zero_advantage_rows: bool = True
     # run each distinct prompt once in the training forward, its G rows continuing from its state (None: auto, on
-    # except on a GPU with mamba-ssm's scan kernel; see HybridGRPOTrainer)
+    # on CPU, off on CUDA; see HybridGRPOTrainer)
     share_prompt_prefix: bool | None = None
     # split the training forward into at most this many groups of rows of similar length, each trimmed to its own
     # longest row (1: one forward, trimmed to the batch's longest row; see HybridGRPOTrainer)
@@ -84,6 +84,12 @@ class GRPORunConfig:
     # correct the loss for the gap between the engine's sampling log-probs and the trainer's (TRL's truncated
     # importance sampling; None: auto, on unless the policy runs in float32; see HybridGRPOTrainer, docs/grpo.md)
     importance_sampling_correction: bool | None = None
+    # the rollout engine's budget (h1rl.rollout.RolloutBudget): rows decoded at once (None: as many as the memory
+    # budget holds), GiB for the decode cache, prefill and sampling (None: 90% of the free CUDA memory; no limit on
+    # CPU), prompt tokens per row per prefill forward
+    rollout_max_rows: int | None = None
+    rollout_memory_gb: float | None = None
+    rollout_prefill_chunk: int = 2048
     trl: dict[str, Any] = field(default_factory=dict)  # any trl.GRPOConfig field, e.g. learning_rate, beta
 
     def __post_init__(self):

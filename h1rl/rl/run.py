@@ -124,6 +124,7 @@ def run_grpo(cfg: GRPORunConfig):
 
     import h1rl  # noqa: F401  (registers the hybrid Auto classes)
     from h1rl.rl.trainer import HybridGRPOTrainer
+    from h1rl.rollout import RolloutBudget
 
     out = Path(cfg.output_dir)
     resume = last_complete_checkpoint(out)
@@ -170,6 +171,8 @@ def run_grpo(cfg: GRPORunConfig):
                                 dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
                                 skip_zero_advantage_rows=cfg.skip_zero_advantage_rows,
                                 share_prompt_prefix=cfg.share_prompt_prefix, length_chunks=cfg.length_chunks,
+                                rollout_budget=RolloutBudget(cfg.rollout_max_rows, cfg.rollout_memory_gb,
+                                                             cfg.rollout_prefill_chunk),
                                 importance_sampling_correction=cfg.importance_sampling_correction)
     if resume is not None:
         logger.warning("resuming from %s", resume)

@@ -37,10 +37,19 @@ rows; `train/rows_trained` logs the fraction kept. With several processes each k
 that keeps the most (TRL gathers per-row metrics, which needs equal counts).
 
 And one more: TRL's training forward runs each of a prompt's G rows over the whole prompt again. With
-`share_prompt_prefix` (default: on, except on a GPU with mamba-ssm's scan kernel, which cannot start from a state)
-it runs under `HybridModel.sharing_prefix`: each distinct prompt once, each row continuing from its prompt's cached
-state, with gradients flowing back through that state. Same log-probs and gradients up to float rounding
-(`tests/models/test_shared_prefix.py`), for the prompt's compute divided by G.
+`share_prompt_prefix` it runs under `HybridModel.sharing_prefix`: each distinct prompt once, each row continuing
+from its prompt's cached state, with gradients flowing back through that state. Same log-probs and gradients up to
+float rounding (`tests/models/test_shared_prefix.py`), for the prompt's compute divided by G. Default (None): on on
+CPU, off on CUDA. The continuation attends over left-padded prompts in the cache, which takes a key mask: on CUDA the
+memory-efficient kernel materialises it as a (T, S) bias per attention layer and keeps it for the backward (128 MiB
+per row and layer at 8k tokens), while the plain training forward runs left-aligned on the flash kernel with no
+mask. Under gradient checkpointing (the setting at scale) sharing is not taken anyway. Every process runs the same
+two-phase forward whatever its rows hold (ZeRO-3).
+
+The rollout engine runs within `rollout_budget` (`h1rl.rollout.RolloutBudget`: rows decoded at once, memory, prefill
+chunk; by default 90% of the free CUDA memory after TRL gathered the weights). With `ds3_gather_for_generation:
+false` the weights stay partitioned during the rollout and the engine keeps every process's model calls in step
+(synced decoding); m2 mixers register the parameters they read outside their own modules with DeepSpeed.
 
 And a third: TRL pads every completion of the batch to the longest one and runs one forward over the padded
 rectangle, so with RL's spread of completion lengths much of that forward (and backward) computes padding. The
@@ -78,10 +87,10 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 
-from h1rl.models.scan import cuda_scan_available
+from h1rl.models.mamba import MambaMixer
 from h1rl.rewards import checked
 from h1rl.rl.importance import IMPORTANCE_SAMPLING_MODES, importance_sampling_ratio, mismatch_metrics
-from h1rl.rollout import RolloutEngine, SamplingParams
+from h1rl.rollout import RolloutBudget, RolloutEngine, SamplingParams
 from h1rl.rollout.engine import find_hybrid
 
 
@@ -177,7 +186,8 @@ class HybridGRPOTrainer(GRPOTrainer):
 
     def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
                  skip_zero_advantage_rows: bool = True, share_prompt_prefix: bool | None = None,
-                 length_chunks: int = 4, importance_sampling_correction: bool | None = None, **kwargs: Any):
+                 length_chunks: int = 4, importance_sampling_correction: bool | None = None,
+                 rollout_budget: RolloutBudget | None = None, **kwargs: Any):
         # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
         # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -209,6 +219,10 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._serve_old_logps = False
         self.share_prompt_prefix = share_prompt_prefix  # None: decided per call, where the tensors are (see below)
         self.length_chunks = length_chunks
+        self.rollout_budget = rollout_budget or RolloutBudget()
+        for module in base.modules():  # a model built before DeepSpeed was imported registers them now
+            if isinstance(module, MambaMixer):
+                module.register_external_parameters()
         self.importance_sampling_correction = self._resolve_importance_sampling(importance_sampling_correction)
 
     def _resolve_importance_sampling(self, requested: bool | None) -> bool:
@@ -275,7 +289,8 @@ class HybridGRPOTrainer(GRPOTrainer):
             ) as unwrapped_model,
             torch.no_grad(),
         ):
-            engine = RolloutEngine(find_hybrid(unwrapped_model), pad_token_id=self._tokenizer.pad_token_id)
+            engine = RolloutEngine(find_hybrid(unwrapped_model), pad_token_id=self._tokenizer.pad_token_id,
+                                   budget=self.rollout_budget)
             rollout = engine.generate(unique, counts, params)
         elapsed = time.perf_counter() - start
         completion_ids = rollout.completions()
@@ -283,6 +298,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._served_logps = rollout.logprobs
         self._metrics[mode]["rollout/tokens_per_s"].append(float(rollout.lengths.sum()) / max(elapsed, 1e-9))
         self._metrics[mode]["rollout/seconds"].append(elapsed)
+        self._metrics[mode]["rollout/rows_at_once"].append(rollout.stats["rows_at_once"])
         return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs):
@@ -521,8 +537,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         hybrid = find_hybrid(model)
         prompt_width = input_ids.shape[1] - logits_to_keep
         share = self.share_prompt_prefix
-        if share is None:  # auto: mamba-ssm's CUDA scan takes no initial state (the continuation would fall back)
-            share = not (input_ids.is_cuda and cuda_scan_available())
+        if share is None:  # auto: off on CUDA, where the continuation's key mask costs more memory than it saves
+            share = not input_ids.is_cuda
         share = share and hybrid is not None and prompt_width >= 1
         with hybrid.model.sharing_prefix(prompt_width) if share else nullcontext():
             return super()._get_per_token_logps_and_entropies(

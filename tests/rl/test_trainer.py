@@ -158,12 +158,12 @@ def test_sharing_the_prompt_prefix_leaves_the_update_unchanged(tmp_path, monkeyp
     """The training forward over G rows per prompt, run with each prompt once (share_prompt_prefix), trains to the
     same parameters as TRL's forward over every row; the spy confirms the shared path was taken. SGD: Adam would
     amplify float rounding on near-zero gradient entries into visible differences."""
-    from h1rl.models.modeling import HybridModel
+    import h1rl.models.modeling as modeling
 
-    calls = []
-    original = HybridModel._forward_sharing_prefix
-    monkeypatch.setattr(HybridModel, "_forward_sharing_prefix",
-                        lambda self, *args: calls.append(len(args[-2])) or original(self, *args))
+    calls = []  # distinct prompts of each shared-prefix forward
+    original = modeling.prefix_groups
+    monkeypatch.setattr(modeling, "prefix_groups",
+                        lambda ids, mask: (lambda out: calls.append(len(out[0])) or out)(original(ids, mask)))
     tokenizer = tiny_tokenizer()
     results = {}
     for share in (False, True):
@@ -212,3 +212,23 @@ def test_a_broken_reward_is_named_with_its_sample(tmp_path):
                                 train_dataset=prompts_dataset(), processing_class=tokenizer)
     with pytest.raises(RewardError, match=r"sometimes_nan.*sample 2"):
         trainer.train()
+
+
+def test_rollout_budget_reaches_the_engine_and_changes_nothing_but_memory(tmp_path):
+    """A tight rollout budget (2 rows at once, 2-token prefill chunks) trains exactly like the unbounded default:
+    the engine samples the same completions whatever its budget (fp32, seeded)."""
+    from h1rl.rollout import RolloutBudget
+
+    tokenizer = tiny_tokenizer()
+    trained = []
+    for budget in (None, RolloutBudget(max_rows=2, prefill_chunk=2)):
+        torch.manual_seed(0)
+        model = tiny_model(["t", "m2", "m2"], vocab_size=len(tokenizer)).train()
+        trainer = HybridGRPOTrainer(model=model, reward_funcs=distinct_words, args=grpo_args(tmp_path),
+                                    train_dataset=prompts_dataset(), processing_class=tokenizer, rollout_budget=budget)
+        trainer.train()
+        rows = [e["rollout/rows_at_once"] for e in trainer.state.log_history if "rollout/rows_at_once" in e]
+        assert rows and set(rows) == ({4.0} if budget is None else {2.0})
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=0, atol=1e-6, msg=name)
