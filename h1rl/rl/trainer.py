@@ -1,76 +1,48 @@
 """`HybridGRPOTrainer`: TRL's GRPOTrainer with rollouts from h1rl's recurrent engine.
 
 Everything about the algorithm stays TRL's (`GRPOConfig`, loss types, KL and reference model, reward contract,
-logging, PEFT, accelerate and DeepSpeed integration). Two methods are replaced, both private TRL hooks, which is
-why `pyproject.toml` pins `trl>=1.16,<1.17` and `tests/rl/` exercises them against that range:
+logging, PEFT, accelerate and DeepSpeed integration). What h1rl changes goes through the five private TRL methods
+of `TRL_HOOKS`, the one list of them; `tests/rl/test_trl_hooks.py` checks their signatures, and the TRL attributes
+this file reads (`TRL_STATE`), against the installed TRL, which is why `pyproject.toml` pins `trl>=1.16,<1.17`:
 
-- `_generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)`: TRL's generation step.
-  Here the distinct prompts of the batch (TRL repeats each one `num_generations` times in a row) are prefilled
-  once and sampled by `h1rl.rollout.RolloutEngine` with the run's sampling settings. Under DeepSpeed ZeRO-3 the
-  parameters are gathered once for the whole rollout phase (TRL's `unwrap_model_for_generation`), never per
-  token. The engine's per-token log-probs come back to TRL as the sampling log-probs.
-- `_get_per_token_logps_and_entropies(...)`: when TRL asks for the *old* policy's log-probs of the batch it just
-  generated (it does so when generation and optimisation steps are misaligned, i.e. `steps_per_generation` or
-  `num_iterations` > 1), the engine's log-probs are returned instead of running one more forward pass: they are
-  the same numbers (`tests/rollout/test_engine.py` bounds the difference by 1e-4 in float32). Every other call
-  (the policy's training forward, the reference model) runs normally. Not with the importance-sampling correction
-  on (below), which needs the training side's own numbers.
+- `_generate_single_turn`: the distinct prompts of the batch (TRL repeats each `num_generations` times in a row)
+  are sampled by `h1rl.rollout.RolloutEngine` within `rollout_budget`, each prefilled once; under ZeRO-3 the
+  weights are gathered once for the whole rollout (TRL's `unwrap_model_for_generation`), or left partitioned with
+  every process's model calls kept in step; the engine's per-token log-probs go back to TRL as the sampling ones.
+- `_generate_and_score_completions`: after TRL's scoring, dynamic sampling (`h1rl.rl.dynamic_sampling`), then the
+  importance-sampling correction (below).
+- `_calculate_rewards`: TRL's, remembered for dynamic sampling's tie test.
+- `_compute_loss`: rows with zero advantage left out where that is exact (`h1rl.rl.row_skipping`); the
+  importance-sampling ratio handed to TRL's loss.
+- `_get_per_token_logps_and_entropies`: when TRL asks for the old policy's log-probs (generation and optimisation
+  steps misaligned) and the correction is off, the engine's are served: the same numbers (1e-4 in float32,
+  `tests/rollout/test_engine.py`) without one more forward. Every other call runs TRL's forward over rows grouped by
+  length, each prompt once (`h1rl.rl.training_pass`).
 
 Why not TRL's public `rollout_func`: it is marked experimental, receives un-tokenised prompts (so chat templating
-would have to be redone here), and its log-probs are only used with vLLM. The two hooks above keep TRL's
-tokenisation, tool and logging code paths intact.
+would have to be redone here), and its log-probs are only used with vLLM. The hooks above keep TRL's tokenisation,
+tool and logging code paths intact.
 
-Beyond TRL, optional dynamic sampling (DAPO): prompt groups whose rewards all tie have zero advantage and give no
-gradient; with `dynamic_sampling_rounds > 0` such groups are replaced by groups of fresh prompts, generated and
-scored in up to that many extra rounds per batch (the cap). Groups still tied after the last round stay in the
-batch, so its size never changes. Logged as `dynamic_sampling/*`. With several processes, each refills its own
-groups (it must hold whole groups) and all run the same rounds with equally many fresh groups, as TRL's gathers
-need; fresh prompts then differ by process, so such a run is not identical to a single-process one.
+The sampler/trainer mismatch correction: TRL runs its truncated importance sampling only with vLLM; the engine plays
+vLLM's role. With `importance_sampling_correction` on (None, the default: on unless the policy runs in float32, where
+rollout and training log-probs agree to 1e-5; bfloat16 kernels do not), `_generate_and_score_completions` recomputes
+the old policy's log-probs with the training forward when TRL did not (a no-grad forward, as TRL does under vLLM;
+the engine's log-probs are then never served as old ones), computes TRL's capped ratio pi_old / pi_engine with TRL's
+`vllm_importance_sampling_mode` / `_clip_max` / `_clip_min` (`h1rl.rl.importance`) and logs TRL's `sampling/*`
+metrics, once, on the final batch (after dynamic sampling's refills). TRL's `_compute_loss` multiplies the per-token
+loss by the ratio only under `use_vllm` ("vespo" folds it into its weights regardless): the flag is raised for the
+duration of TRL's `_compute_loss` alone, where it gates nothing else in TRL 1.16 (`tests/rl/test_importance.py`
+checks that the loss and gradient scale with the ratio).
 
-Also beyond TRL, and exact: rows whose advantage is exactly zero (every row of a tied group, with the usual 0/1
-rewards) contribute exactly zero to the loss and its gradient when the loss is normalised by the batch's token
-count (`loss_type` "dapo", TRL's default, "cispo" or "vespo"), `beta` is 0 and no entropy term is in play. With
-`skip_zero_advantage_rows=True` (the default) the training forward and backward then run on the other rows only:
-the same gradient up to float summation order, for the compute of the rows that carry a signal. Where the
-conditions do not hold every row is trained on, as in TRL. The entropy and clip-ratio logs then cover the trained
-rows; `train/rows_trained` logs the fraction kept. With several processes each keeps as many rows as the one
-that keeps the most (TRL gathers per-row metrics, which needs equal counts).
-
-And one more: TRL's training forward runs each of a prompt's G rows over the whole prompt again. With
-`share_prompt_prefix` it runs under `HybridModel.sharing_prefix`: each distinct prompt once, each row continuing
-from its prompt's cached state, with gradients flowing back through that state. Same log-probs and gradients up to
-float rounding (`tests/models/test_shared_prefix.py`), for the prompt's compute divided by G. Default (None): on on
-CPU, off on CUDA. The continuation attends over left-padded prompts in the cache, which takes a key mask: on CUDA the
-memory-efficient kernel materialises it as a (T, S) bias per attention layer and keeps it for the backward (128 MiB
-per row and layer at 8k tokens), while the plain training forward runs left-aligned on the flash kernel with no
-mask. Under gradient checkpointing (the setting at scale) sharing is not taken anyway. Every process runs the same
-two-phase forward whatever its rows hold (ZeRO-3).
+`share_prompt_prefix` (None: on on CPU, off on CUDA): see `h1rl.rl.training_pass` and docs/grpo.md. On CUDA the
+shared prompt's continuation needs a key mask, which the memory-efficient kernel keeps as a (T, S) bias per
+attention layer for the backward (128 MiB per row and layer at 8k tokens), while the plain training forward runs
+left-aligned on the flash kernel; under gradient checkpointing (the setting at scale) sharing is not taken anyway.
 
 The rollout engine runs within `rollout_budget` (`h1rl.rollout.RolloutBudget`: rows decoded at once, memory, prefill
 chunk; by default 90% of the free CUDA memory after TRL gathered the weights). With `ds3_gather_for_generation:
 false` the weights stay partitioned during the rollout and the engine keeps every process's model calls in step
 (synced decoding); m2 mixers register the parameters they read outside their own modules with DeepSpeed.
-
-And a third: TRL pads every completion of the batch to the longest one and runs one forward over the padded
-rectangle, so with RL's spread of completion lengths much of that forward (and backward) computes padding. The
-training forward here runs over at most `length_chunks` (default 4) groups of rows of similar length, each trimmed
-to its own longest row and first prompt column (`plan_length_chunks` picks the groups that leave the fewest
-positions; `train/forward_positions` logs the fraction of the rectangle computed). A causal model's log-probs of
-a row do not depend on the padding after it nor on masked columns before it, so this is exact too
-(`tests/rl/test_length_chunks.py`); `length_chunks=1` still trims the batch to its own longest row.
-
-And TRL's sampler/trainer mismatch correction, which TRL runs only with vLLM: the engine plays vLLM's role. With
-`importance_sampling_correction` on (None, the default: on unless the policy runs in float32, where rollout and
-training log-probs agree to 1e-5; bfloat16 kernels do not), `_generate_and_score_completions` recomputes the old
-policy's log-probs with the training forward when TRL did not (a no-grad forward, as TRL does under vLLM; the
-engine's log-probs are then never served as old ones), computes TRL's capped ratio pi_old / pi_engine with TRL's
-`vllm_importance_sampling_mode` / `_clip_max` / `_clip_min` (`h1rl.rl.importance`) and logs TRL's `sampling/*`
-metrics. It does so once, on the final batch: after dynamic sampling's refills, whose `merge_rows` re-pads the
-engine's (and TRL's old) log-probs on the right like the completions. `_compute_loss` hands the ratio to TRL's loss,
-which multiplies the per-token loss by it only under `use_vllm` ("vespo" folds it into its weights regardless): the
-flag is raised for the duration of TRL's `_compute_loss` alone, where it gates nothing else in TRL 1.16
-(`tests/rl/test_importance.py` checks that the loss and gradient scale with the ratio). Rows left out by
-`skip_zero_advantage_rows` take their ratio with them.
 
 Rollouts are seeded from (`args.seed`, global step, rollouts so far at that step), so a resumed run draws the same
 completions as an uninterrupted one; each process samples its own rows of that step's global stream, so a run on N
@@ -80,7 +52,6 @@ processes draws the same completions as one process holding the whole global bat
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -89,9 +60,32 @@ from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_ge
 
 from h1rl.models.mamba import MambaMixer
 from h1rl.rewards import checked
+from h1rl.rl.dynamic_sampling import fresh_rows, refill_tied_groups, tied_groups
 from h1rl.rl.importance import IMPORTANCE_SAMPLING_MODES, importance_sampling_ratio, mismatch_metrics
+from h1rl.rl.row_skipping import rows_with_advantage, zero_advantage_rows_are_inert
+from h1rl.rl.training_pass import logps_by_length, sharing_prefix
 from h1rl.rollout import RolloutBudget, RolloutEngine, SamplingParams
 from h1rl.rollout.engine import find_hybrid
+
+# The TRL methods HybridGRPOTrainer overrides, with their parameters in TRL 1.16 (checked against the installed TRL by
+# tests/rl/test_trl_hooks.py), and the TRL attributes it reads: an upgrade that changes any fails there, by name.
+TRL_HOOKS = {
+    "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                              "has_tool_images"),
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_compute_loss": ("self", "model", "inputs"),
+    "_get_per_token_logps_and_entropies": (
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+        "compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+        "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"),
+}
+TRL_STATE = (
+    "_metrics", "_tokenizer", "eos_token_ids", "reward_weights", "num_generations", "num_generations_eval",
+    "num_iterations", "use_vllm", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "loss_type", "beta",
+    "top_entropy_quantile", "_entropy_bonus_enabled", "aux_loss_enabled", "model_wrapped",
+)
 
 
 def group_consecutive(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -104,74 +98,6 @@ def group_consecutive(prompt_ids: list[list[int]]) -> tuple[list[list[int]], lis
             unique.append(list(ids))
             counts.append(1)
     return unique, counts
-
-
-def merge_rows(target: dict, source: dict, target_rows: range, source_rows: range) -> dict:
-    """`target` with rows `target_rows` replaced by `source`'s rows `source_rows` (per-row tensors re-padded).
-
-    Prompts are left-padded and completions right-padded, so widths are matched on the matching side.
-    """
-    merged = dict(target)
-    t_idx, s_idx = list(target_rows), list(source_rows)
-    for key, value in target.items():
-        other = source.get(key)
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or other is None:
-            continue
-        left = key.startswith("prompt")
-        width = max(value.shape[1], other.shape[1]) if value.dim() > 1 else None
-        if width is not None:
-            value, other = _pad_to(value, width, left), _pad_to(other, width, left)
-        value = value.clone()
-        value[t_idx] = other[s_idx].to(value.dtype)
-        merged[key] = value
-    return merged
-
-
-def plan_length_chunks(lengths: torch.Tensor, max_chunks: int, tolerance: float = 0.05) -> list[torch.Tensor]:
-    """Split rows into at most `max_chunks` groups of similar length, so that a forward over each group trimmed to
-    its own longest row computes as few padded positions as possible.
-
-    `lengths` (R,) long: each row's length (its last real column + 1). Rows are sorted by length and cut into
-    contiguous groups by dynamic programming over the distinct lengths, minimising the positions computed
-    (sum over groups of rows x longest row); the fewest groups within `tolerance` of the best split's positions
-    (relative to one group) are chosen, since each extra forward costs time of its own; with `tolerance=0` that is
-    exactly min(`max_chunks`, distinct lengths) groups, since splitting a group of several lengths always saves
-    positions. Returns the row indices of each group (ascending within a group), shortest group first.
-    """
-    if max_chunks < 1:
-        raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
-    order = torch.argsort(lengths.cpu(), stable=True)  # (R,)
-    values, counts = torch.unique_consecutive(lengths.cpu()[order], return_counts=True)  # (U,), (U,)
-    U, K = values.numel(), min(max_chunks, values.numel())
-    if K == 1:
-        return [order.sort().values]
-    rows_before = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).double()  # (U+1,) rows with a shorter length
-    # cost[i, j]: positions computed by one group holding distinct lengths i..j-1 (its rows x its longest length)
-    i, j = torch.arange(U + 1)[:, None], torch.arange(U + 1)[None, :]
-    cost = (rows_before[None, :] - rows_before[:, None]) * values.double()[(j - 1).clamp(min=0)]  # (U+1, U+1)
-    cost = torch.where(i < j, cost, torch.full_like(cost, float("inf")))
-    best, cuts = [cost[0]], []  # best[k-1][j]: fewest positions covering lengths 0..j-1 with k groups
-    for _ in range(1, K):
-        total = best[-1][:, None] + cost  # (U+1, U+1): the first groups end at i, one more group covers i..j-1
-        value, arg = total.min(0)
-        best.append(value)
-        cuts.append(arg)
-    finals = torch.stack([b[U] for b in best])  # (K,)
-    k = int((finals - finals[-1] <= tolerance * finals[0]).nonzero()[0]) + 1  # fewest groups near the best
-    bounds, j = [U], U
-    for level in range(k - 1, 0, -1):
-        j = int(cuts[level - 1][j])
-        bounds.append(j)
-    bounds = [int(rows_before[b]) for b in reversed(bounds)]  # row offsets into `order`: 0 = bounds[0] < ... = R
-    return [order[a:b].sort().values for a, b in zip([0] + bounds[:-1], bounds) if b > a]
-
-
-def _pad_to(t: torch.Tensor, width: int, left: bool) -> torch.Tensor:
-    missing = width - t.shape[1]
-    if missing == 0:
-        return t
-    pad = t.new_zeros(t.shape[0], missing, *t.shape[2:])
-    return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
 class HybridGRPOTrainer(GRPOTrainer):
@@ -205,7 +131,8 @@ class HybridGRPOTrainer(GRPOTrainer):
                 f"num_generations ({self.num_generations})"
             )
         self.dynamic_sampling_rounds = dynamic_sampling_rounds
-        self.skip_zero_advantage_rows = skip_zero_advantage_rows and self._zero_advantage_rows_are_inert()
+        self.skip_zero_advantage_rows = skip_zero_advantage_rows and zero_advantage_rows_are_inert(
+            self.loss_type, self.beta, self.top_entropy_quantile, self._entropy_bonus_enabled, self.aux_loss_enabled)
         self._last_rewards_per_func: torch.Tensor | None = None
         if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
             raise ValueError("HybridGRPOTrainer generates with h1rl's engine: set use_vllm=False and "
@@ -304,7 +231,15 @@ class HybridGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = self._score_one_round(inputs)
         if self.dynamic_sampling_rounds and self.model.training:
-            output = self._refill_tied_groups(inputs, output)
+            # fresh prompts seeded by run seed, step and process: each process refills its own groups
+            seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
+            output, metrics = refill_tied_groups(output, self._score_one_round, fresh_rows(self.train_dataset, seed),
+                                                 self.num_generations, self.dynamic_sampling_rounds,
+                                                 self.accelerator.gather)
+            for key, value in metrics.items():
+                self._metrics["train"][key].append(value)
+        else:
+            output.pop("_tied")
         if self.importance_sampling_correction:
             output = self._correct_sampling_mismatch(output)
         return output
@@ -352,7 +287,9 @@ class HybridGRPOTrainer(GRPOTrainer):
         finally:
             self._serve_old_logps = False
             self._served_logps = None
-        output["_tied"] = self._tied_groups()  # (R,) bool per row: its group's rewards all equal
+        G = self.num_generations if self.model.training else self.num_generations_eval
+        output["_tied"] = tied_groups(self._last_rewards_per_func, self.reward_weights, G,  # (R,) group ties
+                                      self.accelerator.process_index, self.accelerator.num_processes)
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -360,92 +297,15 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards
         return rewards
 
-    def _tied_groups(self) -> torch.Tensor:
-        """Per row of this process: whether its group's (weighted) rewards have zero spread, as TRL computes them.
-
-        TRL gathers the rewards of all processes; with dynamic sampling each process holds whole groups (checked at
-        init), so this process's rows are its slice of the gathered ones.
-        """
-        G = self.num_generations if self.model.training else self.num_generations_eval
-        rewards = (self._last_rewards_per_func * self.reward_weights.to(self._last_rewards_per_func.device)).nansum(1)
-        grouped = rewards.view(-1, G)
-        tied = ((grouped.max(1).values - grouped.min(1).values).abs() <= 1e-8).repeat_interleave(G)
-        local = tied.numel() // self.accelerator.num_processes
-        return tied[self.accelerator.process_index * local : (self.accelerator.process_index + 1) * local]
-
-    def _refill_tied_groups(self, inputs: list[dict], output: dict) -> dict:
-        G = self.num_generations
-        tied = output.pop("_tied")
-        dropped, rounds = int(self.accelerator.gather(tied.sum().reshape(1)).sum()) // G, 0  # all processes
-        extra_prompts = self._extra_prompt_rows()
-        while rounds < self.dynamic_sampling_rounds:
-            # every process runs the same rounds with the same number of rows (TRL's scoring gathers across them):
-            # as many fresh groups as the process with the most tied groups needs
-            need = int(self.accelerator.gather(tied.sum().reshape(1)).max()) // G
-            if need == 0:
-                break
-            fresh = [next(extra_prompts) for _ in range(need)]
-            candidate = self._score_one_round([row for row in fresh for _ in range(G)])
-            useful = ~candidate.pop("_tied")
-            rounds += 1
-            slots = tied.nonzero()[:, 0].view(-1, G)[:, 0]  # first row of each tied group
-            sources = useful.nonzero()[:, 0].view(-1, G)[:, 0]
-            for slot, source in zip(slots.tolist(), sources.tolist()):  # zip: stops at the shorter list
-                output = merge_rows(output, candidate, range(slot, slot + G), range(source, source + G))
-                tied[slot : slot + G] = False
-        mode = "train"
-        self._metrics[mode]["dynamic_sampling/tied_groups"].append(float(dropped))
-        self._metrics[mode]["dynamic_sampling/extra_rounds"].append(float(rounds))
-        tied_after = int(self.accelerator.gather(tied.sum().reshape(1)).sum()) // G
-        self._metrics[mode]["dynamic_sampling/tied_after"].append(float(tied_after))
-        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
-        return output
-
-    def _extra_prompt_rows(self):
-        """An endless, seeded stream of dataset rows to refill tied groups (seeded by run seed, step and process)."""
-        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
-        generator = torch.Generator().manual_seed(seed)  # each process draws its own fresh prompts
-        while True:
-            for index in torch.randperm(len(self.train_dataset), generator=generator).tolist():
-                yield self.train_dataset[index]
-
-    def _zero_advantage_rows_are_inert(self) -> bool:
-        """Whether a row with advantage 0 adds exactly nothing to the loss of its micro-batch, so that leaving it out
-        of the training pass changes nothing: its policy term is -A * (clipped) ratio = 0, and the loss is divided by
-        the batch's precomputed token count (`num_items_in_batch`), not by anything that counts this micro-batch's
-        rows. A KL term, an entropy bonus or an entropy quantile mask (computed over the rows present) breaks this."""
-        return (
-            self.loss_type in ("dapo", "cispo", "vespo")
-            and self.beta == 0.0
-            and self.top_entropy_quantile == 1.0
-            and not self._entropy_bonus_enabled
-            and not self.aux_loss_enabled
-        )
-
     def _compute_loss(self, model, inputs):
-        if not self.skip_zero_advantage_rows or not self.model.training:
-            return self._trl_compute_loss(model, inputs)
-        advantages = inputs["advantages"]  # (R,) or (R, L)
-        rows = advantages.shape[0]
-        carries = (advantages != 0).reshape(rows, -1).any(1)  # (R,)
-        # Every process keeps as many rows as the process that keeps the most (at least one): TRL gathers per-row
-        # metrics across processes, which needs equal row counts, and every process must run a forward and backward
-        # (DDP, ZeRO). The rows added back are zero-advantage rows, so the loss is unchanged.
-        count = int(carries.sum().clamp(min=1))
-        if self.accelerator.num_processes > 1:
-            count = int(self.accelerator.gather(torch.tensor([count], device=advantages.device)).max())
-        self._metrics["train"]["train/rows_trained"].append(count / rows)
-        if count == rows:
-            return self._trl_compute_loss(model, inputs)
-        order = torch.argsort((~carries).to(torch.uint8), stable=True)  # rows with an advantage first, in order
-        index = order[:count].sort().values
-        kept = {
-            key: value.index_select(0, index.to(value.device))
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
-            else value
-            for key, value in inputs.items()
-        }  # the importance-sampling ratio, (R, Tc) or (R, 1), included
-        return self._trl_compute_loss(model, kept)
+        if self.skip_zero_advantage_rows and self.model.training:
+            processes = self.accelerator.num_processes
+            device = inputs["advantages"].device
+            most = (lambda count: int(self.accelerator.gather(torch.tensor([count], device=device)).max())
+                    ) if processes > 1 else (lambda count: count)
+            inputs, fraction = rows_with_advantage(inputs, most)
+            self._metrics["train"]["train/rows_trained"].append(fraction)
+        return self._trl_compute_loss(model, inputs)
 
     def _trl_compute_loss(self, model, inputs):
         """TRL's loss. TRL multiplies the per-token loss by `inputs["importance_sampling_ratio"]` only under
@@ -479,68 +339,23 @@ class HybridGRPOTrainer(GRPOTrainer):
         return logps, None, None
 
     def _logps_by_length(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's log-probs (and entropies) of the completion tokens, computed over groups of rows of similar length,
-        each trimmed to its own padding (`plan_length_chunks`; `length_chunks` groups at most), each under
-        `sharing_prefix` where that is on. Causal models make this exact: a row's log-probs do not depend on the
-        padding after it, nor on the columns before its prompt, which its attention mask hides and which are left
-        out of its position ids. Padding positions come back as 0."""
+        """TRL's forward over rows grouped by length, each prompt once where that is on (`h1rl.rl.training_pass`)."""
+        on_cuda = input_ids.is_cuda
+
+        def forward(ids, mask, keep):
+            with sharing_prefix(model, ids.shape[1] - keep, self.share_prompt_prefix, on_cuda):
+                return super(HybridGRPOTrainer, self)._get_per_token_logps_and_entropies(
+                    model, ids, mask, keep, *args, **kwargs)
+
         multimodal = {k: v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy", "compute_aux_loss")}
         if args or kwargs.get("compute_aux_loss", False) or any(v is not None for v in multimodal.values()):
             # inputs TRL slices by row itself, or an aux loss (averaged over forwards): one forward, as TRL
-            return self._logps_sharing_prefix(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        R, width = input_ids.shape
-        prompt_width = width - logits_to_keep  # TRL scores the completion, the last logits_to_keep columns
-        columns = torch.arange(1, width + 1, device=attention_mask.device)
-        ends = torch.where(attention_mask.bool(), columns, 0).amax(1).clamp(min=prompt_width + 1)  # (R,) last real + 1
-        batch_size = kwargs.get("batch_size")
-        if prompt_width < 1:
-            chunks = None  # no prompt column to keep: one forward, as TRL
-        elif batch_size:
-            # TRL caps each forward at batch_size rows (its no-grad old and reference log-probs): as many forwards
-            # as TRL runs, so every process runs the same count, each over rows of similar length
-            order = torch.argsort(ends.cpu(), stable=True)
-            chunks = [order[i : i + batch_size].sort().values for i in range(0, R, batch_size)]
-        else:
-            chunks = plan_length_chunks(ends, self.length_chunks)
-        if not batch_size and self.accelerator.num_processes > 1:
-            # every process must run as many forwards: DDP broadcasts buffers and ZeRO-3 gathers parameters in each
-            # one (unequal counts hang). Each process can split into as many groups as the one that splits least.
-            count = 1 if chunks is None else len(chunks)
-            fewest = int(self.accelerator.gather(torch.tensor([count], device=input_ids.device)).min())
-            if fewest != count:
-                chunks = plan_length_chunks(ends, fewest, tolerance=0.0)  # exactly `fewest` groups (see its doc)
-        if chunks is None:
-            return self._logps_sharing_prefix(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-        logps, entropies, computed = [], [], 0
-        for rows in chunks:
-            rows = rows.to(input_ids.device)
-            mask = attention_mask.index_select(0, rows)  # (n, Tp + Tc)
-            used = mask.bool().any(0).nonzero()[:, 0]  # columns some row of the group needs
-            first = min(int(used[0]), prompt_width - 1) if used.numel() else prompt_width - 1  # >= 1 prompt column
-            end = max(int(used[-1]) + 1, prompt_width + 1) if used.numel() else prompt_width + 1  # >= 1 scored
-            keep = end - prompt_width  # completion columns of this group
-            lp, ent, _ = self._logps_sharing_prefix(
-                model, input_ids.index_select(0, rows)[:, first:end], mask[:, first:end], keep, *args, **kwargs
-            )
-            logps.append(_pad_to(lp, logits_to_keep, left=False))
-            entropies.append(None if ent is None else _pad_to(ent, logits_to_keep, left=False))
-            computed += rows.numel() * (end - first)
+            return forward(input_ids, attention_mask, logits_to_keep)
+        processes = self.accelerator.num_processes
+        fewest = (lambda count: int(self.accelerator.gather(torch.tensor([count], device=input_ids.device)).min())
+                  ) if processes > 1 else (lambda count: count)
+        logps, entropies, computed = logps_by_length(forward, input_ids, attention_mask, logits_to_keep,
+                                                     self.length_chunks, fewest, kwargs.get("batch_size"))
         if self.model.training and torch.is_grad_enabled():  # the training pass (TRL's other forwards are no-grad)
-            self._metrics["train"]["train/forward_positions"].append(computed / (R * width))
-        inverse = torch.argsort(torch.cat(chunks)).to(input_ids.device)  # back to the caller's row order
-        logps = torch.cat(logps).index_select(0, inverse)
-        entropies = None if entropies[0] is None else torch.cat(entropies).index_select(0, inverse)
+            self._metrics["train"]["train/forward_positions"].append(computed)
         return logps, entropies, None
-
-    def _logps_sharing_prefix(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's forward, under `HybridModel.sharing_prefix` when `share_prompt_prefix` says so for this batch."""
-        hybrid = find_hybrid(model)
-        prompt_width = input_ids.shape[1] - logits_to_keep
-        share = self.share_prompt_prefix
-        if share is None:  # auto: off on CUDA, where the continuation's key mask costs more memory than it saves
-            share = not input_ids.is_cuda
-        share = share and hybrid is not None and prompt_width >= 1
-        with hybrid.model.sharing_prefix(prompt_width) if share else nullcontext():
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )

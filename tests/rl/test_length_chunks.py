@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 
-from h1rl.rl.trainer import HybridGRPOTrainer, plan_length_chunks
+from h1rl.rl.trainer import HybridGRPOTrainer
+from h1rl.rl.training_pass import plan_length_chunks
 
 
 def positions_of(groups, lengths):

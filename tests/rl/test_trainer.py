@@ -188,7 +188,7 @@ def test_sharing_the_prompt_prefix_leaves_the_update_unchanged(tmp_path, monkeyp
 
 
 def test_merge_rows_repads_prompts_left_and_completions_right():
-    from h1rl.rl.trainer import merge_rows
+    from h1rl.rl.dynamic_sampling import merge_rows
 
     target = {"prompt_ids": torch.tensor([[0, 5], [6, 7]]), "completion_ids": torch.tensor([[1], [2]]),
               "advantages": torch.tensor([0.0, 0.0]), "num_items_in_batch": torch.tensor(2)}
