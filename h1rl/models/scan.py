@@ -12,9 +12,9 @@ the z gate are the caller's. Shapes: x, dt (B, T, H, P); A (H, P, N); B, C (B, T
 Public API
 - `selective_scan(..., impl=...)`: the training/prefill scan. Implementations:
   - "ref": `selective_scan_ref`, a plain sequential loop through autograd; slow; the reference for tests.
-  - "torch": `_ScanFn` with the pure-torch backend: the time loop runs in place on per-chunk buffers
-    (one `addcmul_` per step, vectorised over B, H, P, N) and the backward is a hand-written reverse scan
-    that recomputes each chunk's states from a checkpoint. Runs on any device.
+  - "torch": the pure-torch backend: the time loop runs in place on per-chunk buffers (one `addcmul_` per step,
+    vectorised over B, H, P, N) and the backward is a hand-written reverse scan that recomputes each chunk's
+    states from a checkpoint. Runs on any device.
   - "cpu_kernel": the same algorithm as a small C kernel (`h1rl.models.scan_kernel`: OpenMP over batch rows
     and blocks of heads, torch's thread count), compiled with gcc at first use and loaded with ctypes.
   - "cuda": mamba-ssm's `selective_scan_fn`, when mamba-ssm is importable and the tensors are on CUDA. The kernel
@@ -26,6 +26,16 @@ Public API
 - `selective_state_update`: one decode step, in place on a float32 state (mamba-ssm's Triton kernel on CUDA
   when importable, else torch).
 - `cpu_kernel_available()` (from `h1rl.models.scan_kernel`), `cuda_scan_available()`, `benchmark()`.
+
+torch.compile and fake tensors: the "torch" and "cpu_kernel" backends run as two custom operators,
+`torch.ops.h1rl.selective_scan_fwd` and `torch.ops.h1rl.selective_scan_bwd` (torch.library; the backward attached
+with `register_autograd`). torch.compile puts each in its graph as one opaque node, with no graph break (their
+Python time loops and ctypes calls are not traced), and takes output shapes, dtypes and strides from their fake
+implementations, which FakeTensorMode uses too (shapes and memory of a step without running the scan). With
+inductor, compile with `dynamic=False` for now: on a symbolic sequence length, torch 2.13's inductor fails with
+"cannot determine truth value of Relational" when it saves a view (here the scan's inputs) for the backward
+(it sorts symbolic strides without its shape environment: pytorch/pytorch#185871); backend="aot_eager" runs
+dynamic lengths. "ref" is plain torch and "cuda" is mamba-ssm's kernel: neither goes through these ops.
 
 Numerics and memory: all implementations compute in float32 (float64 inputs stay float64 in "ref" and
 "torch", so that gradcheck works; the C kernel always computes in float32). y comes back in x.dtype, the final
@@ -41,7 +51,9 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import Tensor
 
+from h1rl.models import scan_kernel
 from h1rl.models.scan_kernel import cpu_kernel_available, kernel_backward, kernel_forward
 
 try:
@@ -182,31 +194,96 @@ def cuda_scan_available():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# autograd wrapper shared by the torch and C backends
+# the torch and C backends as custom operators (torch.library), with their fake implementations and autograd
+#
+#   h1rl::selective_scan_fwd(backend, x, dt, A, B, C, s0?, save) -> (y, sT, ckpt)
+#   h1rl::selective_scan_bwd(backend, x, dt, A, B, C, ckpt, dy?, dsT?, has_s0) -> (dx, ddt, dA, dB, dC, ds0)
+#
+# Dynamo cannot trace the backends (Python loops over time, ctypes calls): as custom ops they are one opaque node
+# each in a torch.compile graph, and FakeTensorMode (and the compiler) get their output shapes, dtypes and strides
+# from the fake implementations without running them. An op may return neither None nor an alias of an input, so
+# ckpt without `save` and ds0 without s0 are empty tensors. The forward keeps the inputs and ckpt (the states at
+# chunk starts) for the backward; the backward recomputes the rest.
 
 _BACKENDS = {"torch": (_torch_forward, _torch_backward), "cpu_kernel": (kernel_forward, kernel_backward)}
 
 
-class _ScanFn(torch.autograd.Function):
-    """y, final state = scan(x, dt, A, B, C, s0); stores the inputs and the states at chunk starts only."""
+def _ckpt_shape(backend, x, N):
+    """Shape of the forward's saved states: (chunks, B, H, P, N) for "torch", (B, chunks, H, P, N) for the kernel."""
+    Bsz, T, H, P = x.shape
+    if backend == "torch":
+        L = _torch_chunk_len(x, N)
+        return ((T + L - 1) // L, Bsz, H, P, N)
+    K = scan_kernel._KERNEL_CHUNK
+    return (Bsz, (T + K - 1) // K, H, P, N)
 
-    @staticmethod
-    def forward(ctx, backend, x, dt, A, B, C, s0):
-        save = any(ctx.needs_input_grad)
-        y, sT, ckpt = _BACKENDS[backend][0](x, dt, A, B, C, s0, save)
-        if save:
-            ctx.backend, ctx.has_s0 = backend, s0 is not None
-            ctx.save_for_backward(x, dt, A, B, C, ckpt)
-        ctx.set_materialize_grads(False)
-        return y, sT
 
-    @staticmethod
-    def backward(ctx, dy, dsT):
-        if dy is None and dsT is None:
-            return (None,) * 7
-        x, dt, A, B, C, ckpt = ctx.saved_tensors
-        grads = _BACKENDS[ctx.backend][1](x, dt, A, B, C, ckpt, dy, dsT, ctx.has_s0)
-        return (None, *grads)
+@torch.library.custom_op("h1rl::selective_scan_fwd", mutates_args=())
+def _scan_fwd(
+    backend: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, s0: Tensor | None, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, sT, ckpt = _BACKENDS[backend][0](x, dt, A, B, C, s0, save)
+    if sT is s0:  # T = 0 in the torch backend: the state passes through
+        sT = sT.clone(memory_format=torch.contiguous_format)
+    return y, sT, x.new_empty(0) if ckpt is None else ckpt
+
+
+@_scan_fwd.register_fake
+def _scan_fwd_fake(backend, x, dt, A, B, C, s0, save):
+    Bsz, _, H, P = x.shape
+    N = A.shape[-1]
+    ckpt = x.new_empty(_ckpt_shape(backend, x, N)) if save else x.new_empty(0)
+    return x.new_empty(x.shape), x.new_empty(Bsz, H, P, N), ckpt
+
+
+@torch.library.custom_op("h1rl::selective_scan_bwd", mutates_args=())
+def _scan_bwd(
+    backend: str,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    ckpt: Tensor,
+    dy: Tensor | None,
+    dsT: Tensor | None,
+    has_s0: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, ddt, dA, dB, dC, ds0 = _BACKENDS[backend][1](x, dt, A, B, C, ckpt, dy, dsT, has_s0)
+    if ds0 is None:
+        ds0 = x.new_empty(0)
+    elif ds0 is dsT:  # T = 0 in the torch backend: the gradient passes through
+        ds0 = ds0.clone(memory_format=torch.contiguous_format)
+    return dx, ddt, dA, dB, dC, ds0
+
+
+@_scan_bwd.register_fake
+def _scan_bwd_fake(backend, x, dt, A, B, C, ckpt, dy, dsT, has_s0):
+    Bsz, _, H, P = x.shape
+    N = A.shape[-1]
+    fmt = torch.preserve_format if backend == "torch" else torch.contiguous_format  # as the backends allocate
+    dx, ddt, dB, dC = (torch.empty_like(t, memory_format=fmt) for t in (x, dt, B, C))
+    dA = torch.empty_like(A, memory_format=fmt)
+    return dx, ddt, dA, dB, dC, x.new_empty(Bsz, H, P, N) if has_s0 else x.new_empty(0)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    backend, x, dt, A, B, C, s0, save = inputs
+    ckpt = output[2]
+    ctx.backend, ctx.has_s0, ctx.saved_states = backend, s0 is not None, save
+    ctx.save_for_backward(x, dt, A, B, C, ckpt)
+    ctx.mark_non_differentiable(ckpt)
+
+
+def _scan_backward(ctx, dy, dsT, _dckpt):
+    if not ctx.saved_states:
+        raise RuntimeError("h1rl::selective_scan_fwd ran with save=False: no states for the backward")
+    x, dt, A, B, C, ckpt = ctx.saved_tensors
+    dx, ddt, dA, dB, dC, ds0 = torch.ops.h1rl.selective_scan_bwd(ctx.backend, x, dt, A, B, C, ckpt, dy, dsT, ctx.has_s0)
+    return None, dx, ddt, dA, dB, dC, ds0 if ctx.has_s0 else None, None
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,8 +367,9 @@ def selective_scan(x, dt, A, B, C, initial_state=None, return_final_state=False,
     else:
         cd = torch.float64 if impl == "torch" and x.dtype == torch.float64 else torch.float32
         fmt = torch.contiguous_format if impl == "cpu_kernel" else torch.preserve_format  # one copy at most
-        args = (None if t is None else t.to(dtype=cd, memory_format=fmt) for t in (x, dt, A, B, C, initial_state))
-        y, sT = _ScanFn.apply(impl, *args)
+        args = [None if t is None else t.to(dtype=cd, memory_format=fmt) for t in (x, dt, A, B, C, initial_state)]
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+        y, sT, _ = torch.ops.h1rl.selective_scan_fwd(impl, *args, save)
     y = y.to(x.dtype)
     return (y, sT) if return_final_state else y
 

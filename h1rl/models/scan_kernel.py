@@ -4,8 +4,9 @@
 same chunked algorithm as the scan's pure-torch backend (forward saving one state every `_KERNEL_CHUNK` steps,
 backward recomputing each chunk's states from its saved one), written in C (`h1rl/models/csrc/selective_scan.c`,
 package data read with importlib.resources) with OpenMP over (batch row, block of heads), compiled with gcc at first
-use and loaded with ctypes. `kernel_forward` / `kernel_backward` have the torch backend's signatures
-(`h1rl.models.scan._ScanFn` calls either); `cpu_kernel_available()` says whether it built.
+use and loaded with ctypes. `kernel_forward` / `kernel_backward` have the torch backend's signatures (the custom
+ops `h1rl::selective_scan_fwd` / `_bwd` of `h1rl.models.scan` call either); `cpu_kernel_available()` says whether
+it built (a constant to torch.compile, which does not trace the build).
 
 Where it deviates from torch, and how it is built
 - exp is a Cephes polynomial (about 1 ulp) on an argument clamped to [-87, 88], written without float
@@ -104,6 +105,7 @@ def _cpu_kernel():
     return lib
 
 
+@torch.compiler.assume_constant_result  # torch.compile uses the answer at trace time; it does not trace the build
 def cpu_kernel_available():
     """True if the C kernel compiled (or was cached) and loaded in this process."""
     return _cpu_kernel() is not None
