@@ -39,8 +39,14 @@ from h1rl.rollout.engine import find_hybrid
 from h1rl.rollout.sampling import SamplingParams
 
 
+def right_padded(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether every row of `batch` is real tokens then pads (one host read of the mask)."""
+    mask = batch.get("attention_mask")
+    return mask is None or not bool((mask[:, 1:] > mask[:, :-1]).any())
+
+
 def hidden_states(
-    model: nn.Module, batch: dict[str, torch.Tensor], layers: Sequence[int] = ()
+    model: nn.Module, batch: dict[str, torch.Tensor], layers: Sequence[int] = (), is_right_padded: bool | None = None
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The final (normed) hidden states (B, T, D) of a causal LM, and the outputs {i: (B, T, D)} of `layers` only.
 
@@ -51,14 +57,20 @@ def hidden_states(
     (the tensor the model passes on, with its gradient, also under activation checkpointing); the last layer's
     output is the final normed state, as in transformers' `hidden_states[-1]`. The hooks are removed before backward.
     Layer outputs are read as the decoder passes them on, so a batch with `layers` must be right-padded (the
-    distillation collator's layout): a model may lay left-padded rows out differently inside.
+    distillation collator's layout): a model may lay left-padded rows out differently inside. Right-padded rows are
+    run without an attention mask (`is_right_padded`; None: read from the mask): causality keeps every real token
+    away from the pads after it and the pads carry no target, and without a mask a transformers teacher runs its
+    flash kernel, where with one it builds a (B, 1, T, T) mask, repeats its KV heads and runs the memory-efficient
+    kernel with a bf16 bias (at 8 x 8k: 0.5 GiB of mask, 1 GiB of bias and 1 GiB of repeated KV per layer).
     """
     decoder = _unwrap(model).get_decoder()
     blocks = _decoder_layers(model) if layers else []
-    mask = batch.get("attention_mask")
-    if layers and mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+    if is_right_padded is None:
+        is_right_padded = right_padded(batch)
+    if layers and not is_right_padded:
         raise ValueError("hidden-state alignment needs right-padded rows (real tokens, then pads); the batch has a pad "
                          "before a real token")
+    mask = None if is_right_padded else batch.get("attention_mask")
     kept: dict[Any, torch.Tensor] = {}
 
     def keep(key: Any, tensor: torch.Tensor) -> None:
@@ -79,7 +91,7 @@ def hidden_states(
     try:
         model(
             input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
+            attention_mask=mask,
             output_hidden_states=False,
             logits_to_keep=1,
             use_cache=False,
@@ -133,9 +145,10 @@ def batch_loss(
     if layers and len(_decoder_layers(student)) != len(_decoder_layers(teacher)):
         raise ValueError(f"hidden alignment needs the same depth: student has {len(_decoder_layers(student))} "
                          f"layers, teacher {len(_decoder_layers(teacher))}")
-    h_s, states_s = hidden_states(student, batch, layers)
+    padded_right = right_padded(batch)  # one host read for both models
+    h_s, states_s = hidden_states(student, batch, layers, padded_right)
     with torch.no_grad():
-        h_t, states_t = hidden_states(teacher, batch, layers)
+        h_t, states_t = hidden_states(teacher, batch, layers, padded_right)
     parts = distill_loss(
         h_s,
         h_t,

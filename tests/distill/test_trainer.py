@@ -196,7 +196,8 @@ def test_teacher_at_the_15b_shape_keeps_no_layer_states():
                  "attention_mask": torch.ones(8, 8192, dtype=torch.long)}
         state = 8 * 8192 * 5120 * 2
         plain = peak_bytes(plain_forward(teacher, batch), teacher)
-        assert peak_bytes(lambda: hidden_states(teacher, batch), teacher) <= plain + state
+        # fake tensors cannot be read: the layout is given (the collator's, right-padded)
+        assert peak_bytes(lambda: hidden_states(teacher, batch, is_right_padded=True), teacher) <= plain + state
         assert peak_bytes(plain_forward(teacher, batch, output_hidden_states=True), teacher) >= plain + 45 * state
 
 
@@ -228,10 +229,14 @@ def test_hidden_loss_keeps_the_aligned_layers_only_and_matches_every_layer_state
         assert peak_bytes(lambda: hidden_states(teacher, batch, layers), teacher) <= plain + 3 * STATE
         _, kept = hidden_states(teacher, batch, layers)
         every = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
-        assert sorted(kept) == layers and all(torch.equal(kept[i], every.hidden_states[i + 1]) for i in layers)
+        real = batch["attention_mask"].bool()  # right-padded rows run without a mask: compare the real tokens
+        assert sorted(kept) == layers
+        for i in layers:
+            torch.testing.assert_close(kept[i][real], every.hidden_states[i + 1][real], rtol=1e-5, atol=1e-5)
     _, kept = hidden_states(teacher, batch, [L - 1])
-    assert torch.equal(kept[L - 1], teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")},
-                                            output_hidden_states=True).hidden_states[-1])  # the last: normed final
+    final = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(kept[L - 1][real], final.hidden_states[-1][real], rtol=1e-5, atol=1e-5)  # normed
 
     config = LossConfig(ce_weight=0.5, hidden_weight=0.7, hidden_layers=which)
     student.train()
@@ -283,3 +288,25 @@ def test_chunk_count_follows_the_configured_batch_not_the_micro_batch(toy_world,
         trainer.compute_loss(trainer.model, batch)
         counts.append(len(calls))
     assert full["input_ids"].shape[0] == 8 and counts == [1 + math.ceil(48 / 5)] * 2  # 1: the forward's last logits
+
+
+def test_right_padded_batches_reach_the_models_without_a_mask():
+    """The distillation collator right-pads: both models then run with no attention mask (a transformers teacher
+    takes its flash kernel instead of building a (B, 1, T, T) mask), with the masked forward's real-token outputs;
+    a left-padded batch keeps its mask."""
+    teacher, student = deep_pair()
+    batch = toy_batch()
+    assert not bool(batch["attention_mask"].all())  # some rows are padded (on the right)
+    seen = []
+    hook = teacher.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                             with_kwargs=True)
+    try:
+        final, _ = hidden_states(teacher, batch)
+        left = {"input_ids": batch["input_ids"].flip(1), "attention_mask": batch["attention_mask"].flip(1)}
+        hidden_states(teacher, left)
+    finally:
+        hook.remove()
+    assert seen[0] is None and seen[1] is not None
+    masked = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(final[real], masked.hidden_states[-1][real], rtol=1e-5, atol=1e-5)
