@@ -512,7 +512,7 @@ def measure_rollout(model, seq_len: int, prompt_len: int, generations: int, rows
     engine = RolloutEngine(model, pad_token_id=0, budget=budget)
     S, Tp = seq_len, prompt_len
     max_new = S - Tp
-    slots = engine.plan_rows(rows, Tp, S)  # the engine's own planning: max_rows, or memory_gb / bytes_per_row
+    slots = engine.plan_rows(rows, Tp, S, generations)  # the engine's own planning: max_rows, or memory_gb / bytes
     prompts_at_once = -(-slots // generations)  # the first admission fills every slot: its distinct prompts
     params = SamplingParams(max_new_tokens=max_new, temperature=1.0)  # TRL's defaults: no top-k/p, min-p, penalty
     model.eval()
@@ -785,7 +785,7 @@ def measure(shape: Shape, s: Settings, progress=print) -> dict:
                                        prefill_chunk=s.prefill_chunk)
                 measured_rollout = rollout(T, budget)
             slots = measured_rollout.extra["slots"]
-            estimate_row = bytes_per_row(student.config, T, s.prompt_len, s.prefill_chunk, 2)
+            estimate_row = bytes_per_row(student.config, T, s.prompt_len, s.prefill_chunk, 2, s.generations)
             phases = {"training": training, "rollout": measured_rollout, "distillation": distill}
             result["per_seq_len"][T] = {
                 "gpus": N,

