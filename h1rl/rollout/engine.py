@@ -34,13 +34,16 @@ How a rollout phase runs (`RolloutEngine.generate`):
 6. Log-probs are `log_softmax(logits / temperature)` of each drawn token (see `h1rl.rollout.sampling`). Row r's
    t-th token uses the uniform at (t, r) of one seeded stream, drawn in token order, whatever the slot, step or
    budget, so a rollout under a tight budget samples the same tokens as an unbounded one.
+7. Partial rollouts: with a `decode_budget`, rows still running after that many decode steps come back unfinished
+   ("partial"); `Rollout.resume(row)` turns one into a `ResumedRow`, which a later call continues from its tokens
+   (re-prefilled by the model as it is then) with the uniforms of its own stream: under an unchanged model it
+   continues exactly as it would have in one go. `h1rl.rollout.phase` holds one phase's state machine.
 
 Rows are prompt-major: output row r * G + g is completion g of prompt r.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
@@ -49,8 +52,9 @@ import torch
 from h1rl.models.cache import HybridCache
 from h1rl.models.configuration import HybridConfig
 from h1rl.models.modeling import HybridForCausalLM
-from h1rl.rollout.decode_step import StaticDecoder, graphs_unsupported_reason, zero3_managed
-from h1rl.rollout.sampling import SamplingParams, sample_next
+from h1rl.rollout.decode_step import graphs_unsupported_reason, zero3_managed
+from h1rl.rollout.phase import Phase, ResumedRow, row_plans
+from h1rl.rollout.sampling import SamplingParams
 
 COMPACT_FRACTION = 0.125  # compact the active batch once this fraction of its rows has finished (nothing waiting)
 DECODE_MODES = ("auto", "eager", "static", "cuda_graph")  # see the module docstring
@@ -121,8 +125,17 @@ class Rollout:
     completion_ids: torch.Tensor  # (R, L) long, padded with pad_token_id after each row's end; L = longest
     logprobs: torch.Tensor  # (R, L) float32, log-prob of each completion token; 0 on padding
     lengths: torch.Tensor  # (R,) long: completion tokens per row (the stop token included)
-    finish_reasons: list[str]  # R: "stop" (emitted a stop token) or "length" (reached max_new_tokens)
+    finish_reasons: list[str]  # R: "stop" (emitted a stop token), "length" (reached max_new_tokens) or "partial"
+    # (still running when the decode budget was spent: continue it with `ResumedRow`)
     stats: dict[str, float] = field(default_factory=dict)  # prefill/decode seconds, tokens, tokens per second
+    origins: list[tuple[int, int, int]] = field(default_factory=list)  # R: (seed, rows per draw, index): its uniforms
+    resumed_lengths: torch.Tensor | None = None  # (R,) long: tokens sampled before this call (resumed rows)
+
+    def resume(self, row: int) -> ResumedRow:
+        """Row `row`, set aside unfinished ("partial"), as a `ResumedRow` to continue in a later call."""
+        n = int(self.lengths[row])
+        return ResumedRow(self.prompt_ids[row], self.completion_ids[row, :n].tolist(),
+                          self.logprobs[row, :n].tolist(), self.origins[row])
 
     def completions(self) -> list[list[int]]:
         """Each row's completion ids, unpadded."""
@@ -159,34 +172,6 @@ def find_hybrid(model: torch.nn.Module) -> HybridForCausalLM | None:
         else:
             return None
     return None
-
-
-class Uniforms:
-    """One U(0, 1) per (token index t, row r) of a seeded stream, drawn in token order: `stream_rows` draws per token
-    index, of which this call's rows take those from `stream_offset` on (see `SamplingParams`). Filled lazily."""
-
-    def __init__(self, params: SamplingParams, rows: int, device: torch.device):
-        self.stream = params.stream_rows if params.stream_rows is not None else rows
-        if params.stream_offset + rows > self.stream:
-            raise ValueError(
-                f"rows {params.stream_offset}..{params.stream_offset + rows - 1} of this call do not fit in the "
-                f"sampling stream of {self.stream} rows (SamplingParams.stream_rows / stream_offset)"
-            )
-        self.offset, self.rows, self.device = params.stream_offset, rows, device
-        self.generator = torch.Generator(device=device)
-        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
-        self.generator.manual_seed(seed)
-        self.table = torch.empty(params.max_new_tokens, rows, device=device)  # (max_new, R)
-        self.filled = 0
-
-    def get(self, t: torch.Tensor, rows: torch.Tensor, upto: int) -> torch.Tensor:
-        """Uniforms (m,) of token indices t (m,) (each <= `upto`; larger ones, of finished rows, are clamped) of
-        rows (m,)."""
-        while self.filled <= min(upto, self.table.shape[0] - 1):
-            draw = torch.rand(self.stream, generator=self.generator, device=self.device)
-            self.table[self.filled] = draw[self.offset : self.offset + self.rows]
-            self.filled += 1
-        return self.table[t.clamp(max=self.table.shape[0] - 1), rows]
 
 
 class RolloutEngine:
@@ -265,14 +250,22 @@ class RolloutEngine:
         prompts: list[list[int]],
         num_generations: int | list[int] = 1,
         params: SamplingParams | None = None,
+        resumed: list[ResumedRow] = (),
+        decode_budget: int | None = None,
     ) -> Rollout:
-        """Sample `num_generations` completions of each prompt (one count for all, or one per prompt)."""
+        """Sample `num_generations` completions of each prompt (one count for all, or one per prompt), after
+        continuing the `resumed` rows (output rows: the resumed ones first, then G per prompt). With `decode_budget`
+        at most that many decode steps run: rows still running then are returned unfinished ("partial")."""
         params = params or SamplingParams()
-        self._check_prompts(prompts)
+        self._check_prompts(prompts, allow_none=bool(resumed))
         counts = [num_generations] * len(prompts) if isinstance(num_generations, int) else list(num_generations)
-        if len(counts) != len(prompts) or min(counts) < 1:
+        if len(counts) != len(prompts) or (counts and min(counts) < 1):
             raise ValueError(f"num_generations must be a positive int or one positive count per prompt, got {counts}")
-        return self._drive(self._rollout(prompts, counts, params))
+        if decode_budget is not None and decode_budget < 0:
+            raise ValueError(f"decode_budget must be >= 0 (or None), got {decode_budget}")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
+        plans, units = row_plans(prompts, counts, params, seed, list(resumed))
+        return self._drive(Phase(self, plans, units, params, decode_budget).run())
 
     # ---- driving the model calls ---------------------------------------------------------------------------
 
@@ -325,150 +318,10 @@ class RolloutEngine:
         zero = torch.zeros(1, dtype=torch.long, device=device)
         self._forward(one, None, self.model.allocate_cache(1, 1), zero, zero)
 
-    # ---- one rollout phase ------------------------------------------------------------------------------
+    # ---- prefill --------------------------------------------------------------------------------------------
 
-    def _rollout(self, prompts: list[list[int]], counts: list[int],
-                 params: SamplingParams) -> Generator[Call, torch.Tensor, Rollout]:
-        model, device, pad = self.model, self.model.device, self.pad_token_id
-        R, max_new = sum(counts), params.max_new_tokens
-        row_prompt = [p for p, g in enumerate(counts) for _ in range(g)]  # prompt of each output row
-        lens = [len(p) for p in prompts]
-        S = max(lens) + max_new  # KV columns of a slot
-        slots = self.plan_rows(R, max(lens), S, R / len(prompts))
-        mode = self.decode_mode()
-        decoder = StaticDecoder(model, slots, S, use_cuda_graphs=mode == "cuda_graph")
-        uniforms = Uniforms(params, R, device)
-        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        penalised = params.repetition_penalty != 1
-        # ids seen per slot, for the repetition penalty; -1 (ignored) beyond each row's tokens, never the pad id
-        history = torch.full((slots, S), -1, dtype=torch.long, device=device) if penalised else None
-        completion = torch.full((R, max_new), pad, dtype=torch.long, device=device)
-        logprobs = torch.zeros(R, max_new, dtype=torch.float32, device=device)
-        lengths = torch.zeros(R, dtype=torch.long, device=device)
-        stopped = torch.zeros(R, dtype=torch.bool, device=device)
-        # the active batch is slots 0..n-1; slot i holds output row rows[i], whose t[i] tokens are sampled, whose
-        # next input is tokens[i] at column col[i]; a finished row (done) keeps its slot until refilled or compacted
-        rows, t, col, tokens = (torch.zeros(slots, dtype=torch.long, device=device) for _ in range(4))
-        done = torch.ones(slots, dtype=torch.bool, device=device)
-        n, next_row, max_col, t_hi = 0, 0, 0, 0
-        held: tuple[int, HybridCache, torch.Tensor] | None = None  # (prompt, its 1-row state, its logits)
-        timing = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_calls": 0, "prompts_prefilled": 0, "decode_steps": 0}
-
-        def take(logits: torch.Tensor, idx: torch.Tensor) -> None:
-            """Sample the next token of the rows in slots idx (m,) from logits (m, V); record it for active rows."""
-            r, tt, active = rows[idx], t[idx], ~done[idx]
-            hist = None if history is None else history[idx, : max_col + 1]
-            tok, lp = sample_next(logits, params, uniforms.get(tt, r, t_hi), hist)  # (m,), (m,)
-            tok = torch.where(active, tok, pad)
-            at = (r, tt.clamp(max=max_new - 1))
-            completion.index_put_(at, torch.where(active, tok, completion[at]))
-            logprobs.index_put_(at, torch.where(active, lp, logprobs[at]))
-            lengths.index_add_(0, r, active.long())
-            hit = torch.isin(tok, stop_ids) & active if stop_ids.numel() else torch.zeros_like(active)
-            stopped.index_put_((r,), stopped[r] | hit)
-            t[idx] = tt + active.long()
-            done[idx] = done[idx] | hit | (t[idx] >= max_new)
-            tokens[idx] = tok
-            if history is not None:
-                history.index_put_((idx, col[idx]), torch.where(active, tok, history[idx, col[idx]]))
-
-        while True:
-            # 1. admit waiting rows into free slots: finished ones first, then those past n
-            while next_row < R:
-                free = done[:n].nonzero()[:, 0].tolist() + list(range(n, slots))
-                if not free:
-                    break
-                start = time.perf_counter()
-                k = min(len(free), R - next_row)
-                admitted = list(range(next_row, next_row + k))
-                dst = torch.tensor(free[:k], device=device)
-                distinct = [p for i, p in enumerate(row_prompt[next_row : next_row + k])
-                            if i == 0 or p != row_prompt[next_row + i - 1]]
-                reuse = held is not None and held[0] == distinct[0]
-                fresh = distinct[1:] if reuse else distinct
-                first_logits = {}  # prompt -> (its state's cache, row in it, columns to copy, its logits)
-                if reuse:
-                    first_logits[held[0]] = (held[1], 0, lens[held[0]], held[2][0])
-                if fresh:
-                    cache, logits, row_of = yield from self._prefill([prompts[p] for p in fresh], params)
-                    timing["prefill_calls"] += -(-max(lens[p] for p in fresh) // self.budget.prefill_chunk)
-                    timing["prompts_prefilled"] += len(fresh)
-                    for u, p in enumerate(fresh):
-                        first_logits[p] = (cache, row_of[u], max(lens[q] for q in fresh), logits[u])
-                for p in distinct:  # each prompt's state into its rows' slots
-                    src_cache, u, cols, _ = first_logits[p]
-                    mine = [i for i, r in enumerate(admitted) if row_prompt[r] == p]
-                    decoder.cache.copy_rows_(dst[mine], src_cache, torch.full((len(mine),), u, device=device), cols)
-                last = distinct[-1]  # keep the last prompt's state if some of its rows still wait
-                if next_row + k < R and row_prompt[next_row + k] == last:
-                    src_cache, u, _, last_logits = first_logits[last]
-                    held = (last, src_cache.index_select(torch.tensor([u], device=device)), last_logits[None])
-                else:
-                    held = None
-                prompt_len = torch.tensor([lens[row_prompt[r]] for r in admitted], device=device)
-                rows[dst] = torch.tensor(admitted, device=device)
-                t[dst], col[dst], done[dst] = 0, prompt_len, False
-                if history is not None:
-                    history[dst] = -1
-                    for i, r in enumerate(admitted):
-                        history[dst[i], : lens[row_prompt[r]]] = torch.tensor(prompts[row_prompt[r]], device=device)
-                next_row += k
-                n = max(n, int(dst.max()) + 1)
-                max_col = max(max_col, int(prompt_len.max()))
-                take(torch.stack([first_logits[row_prompt[r]][3] for r in admitted]), dst)
-                timing["prefill_s"] += time.perf_counter() - start
-            if not bool((~done[:n]).any()):
-                break  # nothing active, nothing waiting
-            # 2. one decode step for slots 0..n-1
-            start = time.perf_counter()
-            num_keys = S if mode == "static" else max_col + 1
-            every = torch.arange(n, device=device)
-            logits = yield ("decode", lambda n=n, num_keys=num_keys, every=every: decoder.step(
-                tokens[:n], col[:n], col[:n], num_keys))
-            col[:n] += (~done[:n]).long()
-            max_col, t_hi = min(max_col + 1, S - 1), min(t_hi + 1, max_new - 1)
-            take(logits, every)
-            timing["decode_steps"] += 1
-            # 3. with nothing waiting, move the unfinished rows to the front once enough have finished
-            if next_row == R:
-                finished = int(done[:n].sum())
-                if finished >= max(1, int(self.compact_fraction * n)) and finished < n:
-                    keep = (~done[:n]).nonzero()[:, 0]  # ascending slots
-                    m = keep.numel()
-                    front = torch.arange(m, device=device)
-                    decoder.cache.copy_rows_(front, decoder.cache, keep, max_col + 1)
-                    for buf in (rows, t, col, tokens, done) + (() if history is None else (history,)):
-                        buf[:m] = buf[keep]
-                    done[m:n] = True
-                    n = m
-                    max_col = int(col[:n].max())
-            timing["decode_s"] += time.perf_counter() - start
-
-        generated = int(lengths.sum())
-        L = max(int(lengths.max()), 1) if R else 1
-        total_s = timing["prefill_s"] + timing["decode_s"]
-        kv_per_token = sum(2 * s.key.shape[1] * s.key.shape[3] * s.key.element_size()
-                           for s in decoder.cache.layers if hasattr(s, "key"))
-        mamba = sum(s.nbytes() for s in decoder.cache.layers if s is not None and not hasattr(s, "key")) // slots
-        mean_tokens = (sum(lens[p] for p in row_prompt) + generated) / R
-        return Rollout(
-            prompt_ids=[list(prompts[p]) for p in row_prompt],
-            completion_ids=completion[:, :L].cpu(),
-            logprobs=logprobs[:, :L].cpu(),
-            lengths=lengths.cpu(),
-            finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
-            stats={
-                **{k: float(v) for k, v in timing.items()},
-                "generated_tokens": float(generated),
-                "tokens_per_s": generated / max(total_s, 1e-9),
-                "rows_at_once": float(slots),
-                "state_bytes_per_seq": float(mamba + kv_per_token * mean_tokens),  # Mamba state + KV, mean row
-                "graph_capture_s": decoder.capture_s,  # inside decode_s
-            },
-        )
-
-    def _prefill(self, prompts: list[list[int]],
-                 params: SamplingParams) -> Generator[Call, torch.Tensor, tuple[HybridCache, torch.Tensor, list[int]]]:
+    def _prefill(self, prompts: list[list[int]]) -> Generator[Call, torch.Tensor, tuple[HybridCache, torch.Tensor,
+                                                                                       list[int]]]:
         """Prefill `prompts` into a fresh cache of their own, `prefill_chunk` tokens per row per call, each chunk
         continuing from the cache. Returns the cache (one row per prompt, longest first), the logits (U, V) at each
         prompt's last token (in the given order) and the cache row of each prompt."""
@@ -505,8 +358,8 @@ class RolloutEngine:
             row_of[u] = i
         return cache, logits[row_of], row_of
 
-    def _check_prompts(self, prompts: list[list[int]]) -> None:
-        if not prompts:
+    def _check_prompts(self, prompts: list[list[int]], allow_none: bool = False) -> None:
+        if not prompts and not allow_none:
             raise ValueError("no prompts given")
         vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):

@@ -224,3 +224,54 @@ def test_bytes_per_row_counts_the_kv_of_attention_layers_only_and_shares_the_pro
     alone, shared = bytes_per_row(hybrid, 2048, 1024, 256, 2), bytes_per_row(hybrid, 2048, 1024, 256, 2, 16)
     prompt_kv = 2 * kv_token * 1024  # the prompt's KV in the 2 attention layers, held once per prompt
     assert alone - shared >= prompt_kv * 15 / 16
+
+
+@pytest.mark.parametrize("budgets", [[3], [1, 2, 4], [0, 5]])
+def test_rows_set_aside_and_resumed_equal_one_go(model, budgets):
+    """Partial rollouts: under a decode budget the unfinished rows come back "partial"; continued in later calls
+    (re-prefilled from their tokens, each with its own uniform stream), every row ends exactly as in one unbounded
+    call under the same model (fp32, seeded), with tight slots and prefill chunks too."""
+    prompts = random_prompts([6, 2, 9])
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, stop_token_ids=list(range(1, 97, 9)),
+                            repetition_penalty=1.1, seed=5)
+    whole = RolloutEngine(model, pad_token_id=0).generate(prompts, 3, params)
+    engine = RolloutEngine(model, pad_token_id=0, budget=RolloutBudget(max_rows=4, prefill_chunk=3))
+    out = engine.generate(prompts, 3, params, decode_budget=budgets[0])
+    final = {}  # output row of the one-go call -> (completion, log-probs, reason)
+    pending = list(range(9))  # rows of the one-go call still running, in the order of `out`'s rows
+    for budget in budgets[1:] + [None]:
+        for i, row in enumerate(pending):
+            if out.finish_reasons[i] != "partial":
+                n = int(out.lengths[i])
+                final[row] = (out.completion_ids[i, :n].tolist(), out.logprobs[i, :n], out.finish_reasons[i])
+        resumed_rows = [(row, out.resume(i)) for i, row in enumerate(pending) if out.finish_reasons[i] == "partial"]
+        if not resumed_rows:
+            break
+        assert out.resumed_lengths is not None
+        pending = [row for row, _ in resumed_rows]
+        out = engine.generate([], params=params, resumed=[r for _, r in resumed_rows], decode_budget=budget)
+    else:
+        for i, row in enumerate(pending):
+            n = int(out.lengths[i])
+            final[row] = (out.completion_ids[i, :n].tolist(), out.logprobs[i, :n], out.finish_reasons[i])
+    assert sorted(final) == list(range(9))
+    for row in range(9):
+        n = int(whole.lengths[row])
+        tokens, logprobs, reason = final[row]
+        assert tokens == whole.completion_ids[row, :n].tolist(), f"row {row}"
+        assert (logprobs - whole.logprobs[row, :n]).abs().max() <= 1e-5, f"row {row}"
+        assert reason == whole.finish_reasons[row]
+
+
+def test_decode_budget_sets_rows_aside():
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=10, seed=1)
+    out = RolloutEngine(model, pad_token_id=0, budget=RolloutBudget(max_rows=2)).generate(
+        random_prompts([3, 4]), 2, params, decode_budget=2)
+    assert out.finish_reasons.count("partial") == 4  # no stop tokens: every row still runs after 2 steps
+    assert sorted(out.lengths.tolist()) == [0, 0, 3, 3]  # 2 rows admitted (first token + 2 steps), 2 still waiting
+    resumed = out.resume(0)
+    assert resumed.completion == out.completion_ids[0, :3].tolist() and resumed.origin == out.origins[0]
+    with pytest.raises(ValueError, match="already has 10 tokens"):
+        RolloutEngine(model, 0).generate([], params=params, resumed=[type(resumed)([1], [2] * 10, [0.0] * 10,
+                                                                                 resumed.origin)])
