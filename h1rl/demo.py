@@ -35,7 +35,6 @@ from h1rl.distill.config import DistillConfig
 from h1rl.eval import EvalConfig
 from h1rl.rl.config import GRPORunConfig
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 AUTO = "auto"
 DISTILL_DATA = ("teacher_traces", "solutions")
 
@@ -352,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a much smaller run (recipes/demo_quick.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out_dir=runs/demo2")
     args = parser.parse_args(argv)
-    path = Path(args.config) if args.config else RECIPES / ("demo_quick.yaml" if args.quick else "demo.yaml")
-    if not path.exists():
-        parser.error(f"{path} does not exist; pass --config with a demo recipe")
+    from h1rl.recipes import find
+
+    try:
+        path = find(args.config or ("demo_quick" if args.quick else "demo"), kind="demo")
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     run_demo(load_config(DemoConfig, path, args.overrides))
     return 0

@@ -11,10 +11,12 @@ and this module does, before the training arguments are built (`prepare_training
   state (`accelerator_config.use_configured_state`). The world size is then checked against the launcher's.
 - **The `deepspeed` launcher** passes `--local_rank=N` on the command line; `strip_launcher_args` drops it (the
   rank is read from `LOCAL_RANK`, which every launcher sets).
-- **DeepSpeed configs** (`recipes/deepspeed/*.json`) leave every batch-derived field "auto": transformers fills
-  micro batch, gradient accumulation, clipping, optimizer and precision settings from the run's own config, so a
-  recipe never repeats them and cannot contradict them. `deepspeed_config_path` resolves the short names
-  ("zero2", "zero3", "zero3_offload") to those files.
+- **DeepSpeed configs** (`h1rl/recipes/deepspeed/*.json`) leave every batch-derived field "auto": transformers
+  fills micro batch, gradient accumulation, clipping, optimizer and precision settings from the run's own config, so
+  a recipe never repeats them and cannot contradict them. `deepspeed_config_path` resolves the short names
+  ("zero2", "zero3", "zero3_offload") to those files, wherever the package is installed; `prepare_training_kwargs`
+  does the same for the `deepspeed_config_file` of an accelerate config (the bundled ones say `zero3`, not a path,
+  which `accelerate launch` hands to the processes as ACCELERATE_DEEPSPEED_CONFIG_FILE).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEEPSPEED_CONFIGS = ("zero2", "zero3", "zero3_offload")
 
 
@@ -37,7 +38,9 @@ def deepspeed_config_path(name_or_path: str | None) -> str | None:
     if name_or_path is None:
         return None
     if name_or_path in DEEPSPEED_CONFIGS:
-        path = RECIPES / "deepspeed" / f"{name_or_path}.json"
+        from h1rl.recipes import find_bundled
+
+        path = find_bundled(f"deepspeed/{name_or_path}")
     else:
         path = Path(name_or_path)
     if not path.exists():
@@ -56,10 +59,15 @@ def prepare_training_kwargs(deepspeed: str | dict | None = None) -> dict[str, An
     """Set up the process group when this is a multi-process CPU run; extra `TrainingArguments` fields to pass.
 
     Call it before building `TrainingArguments` / `GRPOConfig`. On GPUs, or in a single process, nothing is done
-    (accelerate and DeepSpeed set up NCCL themselves) and `{}` is returned.
+    (accelerate and DeepSpeed set up NCCL themselves) and `{}` is returned. In every case, a bundled short name in
+    ACCELERATE_DEEPSPEED_CONFIG_FILE (set by `accelerate launch` from its config's `deepspeed_config_file`) becomes
+    that file's path.
     """
     import torch
 
+    accelerate_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if accelerate_file in DEEPSPEED_CONFIGS:
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = deepspeed_config_path(accelerate_file)
     world = launched_world_size()
     if world == 1 or torch.cuda.is_available():
         return {}

@@ -67,9 +67,10 @@ def test_cached_evaluation_is_redone_when_its_settings_change(tmp_path):
     from h1rl.assets import teacher_dir
     from h1rl.config_io import load_config
     from h1rl.data import make_splits
-    from h1rl.demo import RECIPES, DemoConfig, evaluate_once
+    from h1rl.demo import DemoConfig, evaluate_once
+    from h1rl.recipes import find
 
-    cfg = load_config(DemoConfig, RECIPES / "demo_quick.yaml", [f"out_dir={tmp_path}", "sampled_eval=null"])
+    cfg = load_config(DemoConfig, find("demo_quick"), [f"out_dir={tmp_path}", "sampled_eval=null"])
     rows = make_splits(0, 3, 3, 0)["test"]
     path = tmp_path / "eval" / "teacher.json"
     first = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
@@ -87,11 +88,12 @@ def test_cached_evaluation_is_redone_when_its_settings_change(tmp_path):
 
 def test_distillation_data_choice(tmp_path):
     from h1rl.config_io import load_config
-    from h1rl.demo import RECIPES, DemoConfig, resolve
+    from h1rl.demo import DemoConfig, resolve
+    from h1rl.recipes import find
 
     for choice in ("teacher_traces", "solutions"):
-        cfg = resolve(load_config(DemoConfig, RECIPES / "demo_quick.yaml", [f"out_dir={tmp_path}",
+        cfg = resolve(load_config(DemoConfig, find("demo_quick"), [f"out_dir={tmp_path}",
                                                                               f"distill_data={choice}"]))
         assert cfg.distill.data.path == str(tmp_path / "data" / f"distill_{choice}.jsonl")
     with pytest.raises(ValueError, match="distill_data: expected one of teacher_traces, solutions, got 'gold'"):
-        load_config(DemoConfig, RECIPES / "demo_quick.yaml", ["distill_data=gold"])
+        load_config(DemoConfig, find("demo_quick"), ["distill_data=gold"])

@@ -1,6 +1,6 @@
 """Package data: the bundled tokenizer, the tiny teacher checkpoint and the split it was measured on.
 
-Everything here is written by `python recipes/build_assets.py` (deterministic from its seed; see that script):
+Everything here is written by `python scripts/build_assets.py` (deterministic from its seed; see that script):
 
     h1rl/assets/tokenizer/            the byte-level BPE of `h1rl.data.tokenizer`, with its chat template
     h1rl/assets/teacher/              a MistralForCausalLM checkpoint (safetensors) + the same tokenizer

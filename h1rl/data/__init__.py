@@ -3,7 +3,7 @@
 - `h1rl.data.arithmetic`: multi-step arithmetic word problems with step-by-step solutions; seeded, disjoint
   train/test splits; a difficulty knob; chat formatting and jsonl files;
 - `h1rl.data.tokenizer`: the byte-level BPE trained on the task and its chat template; `load_tokenizer()`;
-- `h1rl.data.teacher`: the teacher's architecture and supervised training loop (`recipes/build_assets.py`).
+- `h1rl.data.teacher`: the teacher's architecture and supervised training loop (`scripts/build_assets.py`).
 """
 
 from h1rl.data.arithmetic import (

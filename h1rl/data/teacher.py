@@ -1,5 +1,5 @@
 """The bundled tiny teacher: its architecture (a standard `MistralForCausalLM`) and the supervised loop that teaches
-it the arithmetic task. `recipes/build_assets.py` runs both and writes the checkpoint into the package data.
+it the arithmetic task. `scripts/build_assets.py` runs both and writes the checkpoint into the package data.
 
 Training is plain next-token cross-entropy on the assistant part of each chat (the step lines, the boxed answer and
 `<|end|>`), on train-split problems only, with AdamW and a linear-warmup cosine schedule. Batches are right-padded

@@ -98,7 +98,7 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
 
     where = Path(path) if path is not None else tokenizer_dir()
     if not (where / "tokenizer.json").is_file():
-        hint = " (build the bundled assets with `python recipes/build_assets.py`)" if path is None else ""
+        hint = " (build the bundled assets with `python scripts/build_assets.py`)" if path is None else ""
         raise FileNotFoundError(f"load_tokenizer: {where} has no tokenizer.json{hint}")
     from transformers import AutoTokenizer
 

@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages.0.max_steps=10 loss.ce_weight=1")
     args = parser.parse_args(argv)
     try:
-        config = load_config(DistillConfig, args.config, args.overrides)
+        from h1rl.recipes import find
+
+        config = load_config(DistillConfig, find(args.config, kind="distill"), args.overrides)
         manifest = run_distillation(config)
     except ConfigError as err:
         print(f"h1rl distill: error: {err}", file=sys.stderr)

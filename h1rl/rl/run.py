@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trl.max_steps=10 data.max_samples=64")
     args = parser.parse_args(argv)
     try:
-        run_grpo(load_config(GRPORunConfig, args.config, args.overrides))
+        from h1rl.recipes import find
+
+        run_grpo(load_config(GRPORunConfig, find(args.config, kind="grpo"), args.overrides))
     except ConfigError as err:
         print(f"h1rl grpo: error: {err}", file=sys.stderr)
         return 2

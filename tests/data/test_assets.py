@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_build_assets():
-    spec = importlib.util.spec_from_file_location("build_assets", REPO / "recipes" / "build_assets.py")
+    spec = importlib.util.spec_from_file_location("build_assets", REPO / "scripts" / "build_assets.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from h1rl import recipes
 from h1rl.config_io import ConfigError, load_config
 from h1rl.distill.config import DistillConfig, StageConfig, TrainingConfig, check_schedule, scorer_candidates
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("distill*.yaml"))
+RECIPES = [r.path for r in recipes.list_recipes() if r.kind == "distill"]
 T4 = ["t"] * 4
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipes_load_and_name_their_command(recipe):
     first = recipe.read_text().splitlines()[0]
-    assert first.startswith("# ") and "h1rl distill --config " + f"recipes/{recipe.name}" in first
+    assert first.startswith("# ") and "h1rl distill --config " + recipe.stem in first
     cfg = load_config(DistillConfig, recipe)
     check_schedule(cfg.stages, T4)
 

@@ -20,6 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from h1rl import recipes
+
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 WORKER = Path(__file__).with_name("worker.py")
@@ -41,7 +43,7 @@ def env() -> dict[str, str]:
 LAUNCHERS = {  # 2 processes on this machine, as docs/multinode.md launches them (the worker in place of h1rl.cli)
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port"],
     "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port"],
-    "accelerate": ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/zero2.yaml"),
+    "accelerate": ["-m", "accelerate.commands.launch", "--config_file", str(recipes.find("accelerate/zero2")),
                    "--num_processes", "2", "--main_process_port"],
 }
 

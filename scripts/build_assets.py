@@ -1,7 +1,7 @@
 """Build the bundled assets: tokenizer, tiny teacher checkpoint, its test split and measured accuracy.
 
-    python recipes/build_assets.py                    # rewrites h1rl/assets/ (about 3 minutes on 2 CPU cores)
-    python recipes/build_assets.py --out /tmp/assets --steps 50    # a quick trial run elsewhere
+    python scripts/build_assets.py                    # rewrites h1rl/assets/ (about 3 minutes on 2 CPU cores)
+    python scripts/build_assets.py --out /tmp/assets --steps 50    # a quick trial run elsewhere
 
 What it does, in order (all seeded from --seed; with the same --threads on the same CPU the output is identical):
 1. trains the byte-level BPE tokenizer on the task (`h1rl.data.tokenizer`) -> OUT/tokenizer/;
@@ -60,8 +60,8 @@ def build(out: Path, cfg: TeacherConfig, n_test: int, sampled_n: int, sampled_pr
     summary = lambda r: {k: v for k, v in r.items() if k not in ("problems", "config", "model", "data")}  # noqa: E731
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     metrics = {
-        "description": "bundled tiny teacher for the arithmetic task; built by recipes/build_assets.py",
-        "command": "python recipes/build_assets.py " + " ".join(
+        "description": "bundled tiny teacher for the arithmetic task; built by scripts/build_assets.py",
+        "command": "python scripts/build_assets.py " + " ".join(
             f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(cfg)
             if f.name in ("seed", "steps", "difficulty")) + f" --threads {torch.get_num_threads()}",
         "teacher_config": asdict(cfg),
