@@ -104,6 +104,7 @@ DELEGATED = {
     "demo": ("h1rl.demo", "distill-then-RL on the bundled teacher and task, on CPU (--quick: a smoke run)"),
     "eval": ("h1rl.eval", "accuracy and pass@k of a checkpoint with the math-verify reward"),
     "recipes": ("h1rl.recipes", "list the bundled recipes and launcher configs; `cp NAME DIR` copies one"),
+    "env": ("h1rl.env", "print the versions a bug report needs"),
 }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ from h1rl.config_io import load_config, save_config
 from h1rl.distill.config import DistillConfig
 from h1rl.eval import EvalConfig
 from h1rl.rl.config import GRPORunConfig
+
+logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 DISTILL_DATA = ("teacher_traces", "solutions")
@@ -114,8 +117,8 @@ def cached_evaluation(path: Path, what: str, model_dir: str, rows: list[dict], c
             [p["question"] for p in cached["problems"]] == [r["question"] for r in rows]:
         return cached
     why = "" if cached is None else " (the cached evaluation used another checkpoint, settings or problems)"
-    print(f"[demo] evaluating {what} on {len(rows)} problems (n={config.num_samples}, temperature "
-          f"{config.temperature}){why}")
+    logger.info("evaluating %s on %d problems (n=%d, temperature %s)%s", what, len(rows), config.num_samples,
+                config.temperature, why)
     results = evaluate(model_dir, rows, config=config)
     write_results(results, path)
     return results
@@ -142,8 +145,8 @@ def write_teacher_traces(cfg: DemoConfig, train_rows: list[dict]) -> dict[str, A
                                 cfg.teacher, train_rows, config)
     rows = trace_rows(results)
     write_jsonl(rows, cfg.distill.data.path)
-    print(f"[demo] distillation data: the teacher's correct greedy solutions of {len(rows)} of "
-          f"{len(train_rows)} training problems -> {cfg.distill.data.path}")
+    logger.info("distillation data: the teacher's correct greedy solutions of %d of %d training problems -> %s",
+                len(rows), len(train_rows), cfg.distill.data.path)
     return {"problems": len(train_rows), "kept": len(rows), "teacher_train_accuracy": results["accuracy"]}
 
 
@@ -197,7 +200,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     traces = timed("traces", write_teacher_traces, cfg, splits["train"]) if cfg.distill_data == "teacher_traces" \
         else None
 
-    print(f"[demo] distilling {len(cfg.distill.stages)} stages into {cfg.distill.out_dir}")
+    logger.info("distilling %d stages into %s", len(cfg.distill.stages), cfg.distill.out_dir)
     manifest = timed("distill", run_distillation, cfg.distill)
     distilled = str(Path(cfg.distill.out_dir) / manifest["final_checkpoint"])
     results["hybrid_distilled"] = timed("eval", evaluate_once, "hybrid_distilled", distilled, test_rows, cfg)
@@ -206,7 +209,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     final = Path(cfg.grpo.output_dir) / "final"
     log_path = Path(cfg.grpo.output_dir) / "log_history.json"
     if not (final / "config.json").exists():
-        print(f"[demo] GRPO from {cfg.grpo.model} into {cfg.grpo.output_dir}")
+        logger.info("GRPO from %s into %s", cfg.grpo.model, cfg.grpo.output_dir)
         trainer = timed("grpo", run_grpo, cfg.grpo)
         log_path.write_text(json.dumps(trainer.state.log_history, indent=1))
     results["hybrid_grpo"] = timed("eval", evaluate_once, "hybrid_grpo", str(final), test_rows, cfg)
@@ -234,7 +237,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps({"summary": summary, "eval": metrics,
                                                   "per_problem": str(out / "eval")}, indent=2))
     write_report(out, summary, json.loads(log_path.read_text()) if log_path.exists() else [])
-    print_summary(summary)
     return summary
 
 
@@ -351,11 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a much smaller run (recipes/demo_quick.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out_dir=runs/demo2")
     args = parser.parse_args(argv)
+    from h1rl.log import setup_logging
     from h1rl.recipes import find
 
+    setup_logging()
     try:
         path = find(args.config or ("demo_quick" if args.quick else "demo"), kind="demo")
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    run_demo(load_config(DemoConfig, path, args.overrides))
+    print_summary(run_demo(load_config(DemoConfig, path, args.overrides)))  # the command's output
     return 0

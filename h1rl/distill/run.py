@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import shutil
 import sys
@@ -52,8 +53,11 @@ from h1rl.distill.importance import choose, format_table, loo_table, mmr_table, 
 from h1rl.distill.swap import layout_of, swap_to_mamba
 from h1rl.distill.trainer import DistillTrainer, evaluate_metric, set_trainable, training_arguments
 from h1rl.distributed import prepare_training_kwargs
+from h1rl.log import setup_logging
 from h1rl.models import HybridForCausalLM
 from h1rl.models.convert import convert_teacher
+
+logger = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module, nn.Module, list[dict[str, torch.Tensor]]], float]  # (model, teacher, batches) -> metric
 
@@ -169,7 +173,7 @@ def _swap(run: _Run, k: int, stage: StageConfig, student: HybridForCausalLM) -> 
         table_file = f"importance/stage_{k}_{stage.scorer}.json"
         if run.main_process:
             write_table(table, run.out / table_file)
-            print(format_table(table))
+            logger.info("stage %d: %s", k, format_table(table))
     layers = _same_on_all_processes(list(layers))
     if layers:
         student = swap_to_mamba(student, layers, seed=seed)
@@ -192,8 +196,9 @@ def _distill(run: _Run, k: int, stage: StageConfig, student: HybridForCausalLM, 
              callbacks: list[TrainerCallback] | None) -> dict[str, Any]:
     """Stage k's distillation (resumed from its last checkpoint-*), final checkpoint and manifest."""
     config, stage_dir = run.config, run.out / f"stage_{k}"
-    print(f"stage {k}: swap {decision['layers'] or 'nothing'} -> layout {','.join(layout_of(student))}; "
-          f"KL {decision['kl_before_swap']:.4f} before the swap, {decision['kl_after_swap']:.4f} after")
+    logger.info("stage %d: swap %s -> layout %s; KL %.4f before the swap, %.4f after", k,
+                decision["layers"] or "nothing", ",".join(layout_of(student)), decision["kl_before_swap"],
+                decision["kl_after_swap"])
     set_trainable(student, mamba_only=stage.freeze_non_mamba)
     trainer = DistillTrainer(
         model=student,
@@ -212,7 +217,8 @@ def _distill(run: _Run, k: int, stage: StageConfig, student: HybridForCausalLM, 
     set_trainable(student, mamba_only=False)
     trainer.save_model(str(stage_dir / "final"))
     kl_after = run.kl(student)
-    print(f"stage {k}: KL {kl_after:.4f} after {trainer.state.global_step} steps; checkpoint {stage_dir / 'final'}")
+    logger.info("stage %d: KL %.4f after %d steps; checkpoint %s", k, kl_after, trainer.state.global_step,
+                stage_dir / "final")
     return {
         "stage": k,
         "name": stage.name,
@@ -349,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe (see recipes/distill_tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages.0.max_steps=10 loss.ce_weight=1")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         from h1rl.recipes import find
 
