@@ -28,15 +28,19 @@ logs a warning, and through TRL's `log_metric` the fraction of each outcome per 
 `reset_stats()` zeroes them.
 
 The process pool (`h1rl.rewards.pool`) starts on the first call; `close()` (or a `with` block, or interpreter exit)
-stops it. A pickled copy (TRL hands reward functions to spawned processes in some modes) carries only the settings:
-it starts its own pool and counts from zero.
+stops it. `prefetch(completions, **columns)` starts checks in the background (the GRPO trainer calls it as rollout
+rows finish, so that checking overlaps decoding); the next call takes their results, so it returns the same rewards
+as without the prefetch. A pickled copy (TRL hands reward functions to spawned processes in some modes) carries only
+the settings: it starts its own pool and counts from zero.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from h1rl.rewards.pool import VerifierPool, default_num_workers
@@ -99,6 +103,8 @@ class AccuracyReward:
         self._pool: VerifierPool | None = None
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # runs `prefetch`'s checks in the background
+        self._prefetched: dict[str, tuple[Future, int]] = {}  # task key -> (its background check, index in it)
 
     def __call__(
         self,
@@ -107,22 +113,58 @@ class AccuracyReward:
         log_metric=None,
         **kwargs: Any,
     ) -> list[float | None]:
-        golds = self._golds(kwargs, len(completions))
-        tasks, task_rows = [], []
+        tasks, task_rows = self._tasks(completions, kwargs)
         statuses: list[str] = ["bad_gold"] * len(completions)  # rows without a reference keep this
+        details: dict[int, str] = {}
+        for i, (status, detail) in zip(task_rows, self._results(tasks)):
+            statuses[i] = status
+            details[i] = detail
+        self._record(statuses, details, log_extra, log_metric)
+        return [1.0 if s == "correct" else None if s == "bad_gold" else 0.0 for s in statuses]
+
+    def prefetch(self, completions: list[str] | list[list[dict[str, Any]]], **kwargs: Any) -> None:
+        """Start checking these completions in the background and return at once. The GRPO trainer calls this as
+        rollout rows finish, while the others still decode; the next call scoring the same completion against the
+        same answer takes the result from here instead of checking it again (a check is a function of its task
+        alone, as the pool's de-duplication already assumes), so the rewards are those of a call without it.
+        Nothing is counted or logged here; the call does that."""
+        tasks, _ = self._tasks(completions, kwargs)
+        fresh = {}
+        for task in tasks:
+            key = json.dumps(task, sort_keys=True)
+            if key not in self._prefetched and key not in fresh:
+                fresh[key] = task
+        if not fresh:
+            return
+        pool = self.pool
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accuracy-prefetch")
+            future = self._executor.submit(pool.run, list(fresh.values()))
+        for i, key in enumerate(fresh):
+            self._prefetched[key] = (future, i)
+
+    def _tasks(self, completions, kwargs: dict[str, Any]) -> tuple[list[dict], list[int]]:
+        """The math-verify tasks of the completions that have a reference answer, and their rows."""
+        golds = self._golds(kwargs, len(completions))
+        tasks, rows = [], []
         for i, (completion, gold) in enumerate(zip(completions, golds)):
             _, content = split_completion(completion, i)
             if gold is None:
                 continue
             answer = last_boxed(content)
             tasks.append({"gold": gold, "answer": answer, "text": content if answer is None else ""})
-            task_rows.append(i)
-        details: dict[int, str] = {}
-        for i, (status, detail) in zip(task_rows, self.pool.run(tasks) if tasks else []):
-            statuses[i] = status
-            details[i] = detail
-        self._record(statuses, details, log_extra, log_metric)
-        return [1.0 if s == "correct" else None if s == "bad_gold" else 0.0 for s in statuses]
+            rows.append(i)
+        return tasks, rows
+
+    def _results(self, tasks: list[dict]) -> list[tuple[str, str]]:
+        """(status, detail) of each task: prefetched ones from their background check, the others now; the
+        prefetched results not asked for are dropped (they belonged to rows that were not scored)."""
+        prefetched, self._prefetched = self._prefetched, {}
+        keys = [json.dumps(task, sort_keys=True) for task in tasks]
+        missing = [task for task, key in zip(tasks, keys) if key not in prefetched]
+        now = iter(self.pool.run(missing) if missing else [])
+        return [prefetched[key][0].result()[prefetched[key][1]] if key in prefetched else next(now) for key in keys]
 
     def _golds(self, kwargs: dict[str, Any], n: int) -> list[str | None]:
         if self.answer_column not in kwargs:
@@ -190,7 +232,11 @@ class AccuracyReward:
             self._counts.clear()
 
     def close(self) -> None:
-        """Stop the worker processes (a later call starts new ones)."""
+        """Stop the worker processes and the prefetch thread (a later call starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._prefetched = {}
         if self._pool is not None:
             self._pool.close()
 

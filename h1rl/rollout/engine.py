@@ -252,10 +252,13 @@ class RolloutEngine:
         params: SamplingParams | None = None,
         resumed: list[ResumedRow] = (),
         decode_budget: int | None = None,
+        on_finished: Callable[[list[int], list[list[int]]], None] | None = None,
     ) -> Rollout:
         """Sample `num_generations` completions of each prompt (one count for all, or one per prompt), after
         continuing the `resumed` rows (output rows: the resumed ones first, then G per prompt). With `decode_budget`
-        at most that many decode steps run: rows still running then are returned unfinished ("partial")."""
+        at most that many decode steps run: rows still running then are returned unfinished ("partial").
+        `on_finished(rows, completion_ids)` is called as rows finish, while the others still decode (the GRPO trainer
+        starts scoring them there)."""
         params = params or SamplingParams()
         self._check_prompts(prompts, allow_none=bool(resumed))
         counts = [num_generations] * len(prompts) if isinstance(num_generations, int) else list(num_generations)
@@ -265,7 +268,7 @@ class RolloutEngine:
             raise ValueError(f"decode_budget must be >= 0 (or None), got {decode_budget}")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
         plans, units = row_plans(prompts, counts, params, seed, list(resumed))
-        return self._drive(Phase(self, plans, units, params, decode_budget).run())
+        return self._drive(Phase(self, plans, units, params, decode_budget, on_finished).run())
 
     # ---- driving the model calls ---------------------------------------------------------------------------
 

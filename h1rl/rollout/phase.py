@@ -21,7 +21,7 @@ whatever the slot, step or budget; a stream is (seed, rows per draw), and a row 
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -121,11 +121,12 @@ class Phase:
     """The state of one rollout phase (see the module docstring); `run()` yields its model calls."""
 
     def __init__(self, engine, plans: list[RowPlan], units: list[list[int]], params: SamplingParams,
-                 decode_budget: int | None):
+                 decode_budget: int | None, on_finished: Callable[[list[int], list[list[int]]], None] | None = None):
         from h1rl.rollout.decode_step import StaticDecoder
 
         self.engine, self.plans, self.units, self.params = engine, plans, units, params
         self.decode_budget = decode_budget
+        self.on_finished = on_finished
         model, device, pad = engine.model, engine.model.device, engine.pad_token_id
         self.device, self.pad = device, pad
         R, max_new = len(plans), params.max_new_tokens
@@ -184,11 +185,16 @@ class Phase:
         hit = torch.isin(tok, self.stop_ids) & active if self.stop_ids.numel() else torch.zeros_like(active)
         self.stopped.index_put_((r,), self.stopped[r] | hit)
         t[idx] = tt + active.long()
-        done[idx] = done[idx] | hit | (t[idx] >= self.max_new)
+        finished = active & (hit | (t[idx] >= self.max_new))
+        done[idx] = done[idx] | finished
         self.tokens[idx] = tok
         if history is not None:
             col = self.col[idx]
             history.index_put_((idx, col), torch.where(active, tok, history[idx, col]))
+        if self.on_finished is not None and bool(finished.any()):
+            ended = r[finished].tolist()  # output rows that finished at this token
+            ids = self.completion[ended].cpu()
+            self.on_finished(ended, [ids[i, :n].tolist() for i, n in enumerate(self.lengths[ended].tolist())])
 
     # ---- admission ------------------------------------------------------------------------------------------
 

@@ -268,3 +268,24 @@ def test_settings_are_checked():
         accuracy_reward(num_workers=0)
     with pytest.raises(TypeError, match="column 'answer' row 1 is a list"):
         AccuracyReward()(completions=["a", "b"], answer=["1", [1]])
+
+
+def test_prefetched_checks_give_the_same_rewards_and_are_used():
+    """`prefetch` checks completions in the background; the scoring call then returns what it would without it (same
+    rewards, statuses and counters), takes the prefetched results instead of checking again, and drops the ones no
+    call asked for."""
+    completions = ["so \\boxed{4}", "\\boxed{5}", "no answer here", "\\boxed{4}"]
+    columns = {"answer": ["4", "4", "4", None]}
+    plain = accuracy_reward(num_workers=1)
+    with accuracy_reward(num_workers=1) as reward:
+        expected = plain(completions=completions, **columns)
+        reward.prefetch(completions=completions[:2], **{"answer": columns["answer"][:2]})
+        reward.prefetch(completions=["\\boxed{7}"], answer=["7"])  # never scored: dropped by the next call
+        sent = []
+        original = reward.pool.run
+        reward.pool.run = lambda tasks: sent.append(len(tasks)) or original(tasks)
+        assert reward(completions=completions, **columns) == expected == [1.0, 0.0, 0.0, None]
+        assert sent == [1]  # only the completion not prefetched (the one without a reference is not checked)
+        assert reward.stats() == plain.stats()
+        assert reward._prefetched == {}
+    plain.close()

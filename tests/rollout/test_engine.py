@@ -275,3 +275,21 @@ def test_decode_budget_sets_rows_aside():
     with pytest.raises(ValueError, match="already has 10 tokens"):
         RolloutEngine(model, 0).generate([], params=params, resumed=[type(resumed)([1], [2] * 10, [0.0] * 10,
                                                                                  resumed.origin)])
+
+
+def test_finished_rows_are_reported_while_the_others_decode():
+    """`on_finished` hears of each finished row once, with its final completion, as it finishes (several calls when
+    rows stop at different steps); rows set aside by the budget are not reported."""
+    model = tiny_model()
+    calls = []
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=list(range(1, 97, 6)), seed=4)
+    engine = RolloutEngine(model, pad_token_id=0, budget=RolloutBudget(max_rows=3))
+    out = engine.generate(random_prompts([3, 5, 2]), 3, params, on_finished=lambda rows, ids: calls.append((rows, ids)))
+    reported = {row: ids for rows, ids in calls for row, ids in zip(rows, ids)}
+    assert sorted(reported) == list(range(9)) and sum(len(rows) for rows, _ in calls) == 9
+    assert len(calls) > 1
+    assert all(reported[r] == c for r, c in enumerate(out.completions()))
+    calls.clear()
+    partial = engine.generate(random_prompts([3]), 2, SamplingParams(max_new_tokens=10, seed=4), decode_budget=2,
+                              on_finished=lambda rows, ids: calls.append(rows))
+    assert partial.finish_reasons == ["partial", "partial"] and calls == []
