@@ -9,12 +9,27 @@ forward/backward and the optimizer step are all counted. A few stop tokens give 
 
 Run: `h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
 [--length-chunks 4]` (the last is HybridGRPOTrainer's `length_chunks`, to measure what splitting by length brings)
+
+`h1rl bench grpo --against-teacher` (`run_against_teacher`) is the RL-level comparison the hybrid exists for: one
+GRPO step of the hybrid under `HybridGRPOTrainer` and one of its teacher under stock `trl.GRPOTrainer`, side by side
+in one run, at completion caps of 1k, 2k and 4k (and stock TRL on the hybrid, at the smallest cap). Shapes: a
+Mistral-style teacher (hidden 512, 8 layers, 8 heads / 2 KV heads, vocab 32k), the hybrid converted from it with
+every other layer m2; 4 prompts x G = 8, prompts of 128 tokens. Lengths spread as in RL: both models' LM heads are
+scaled to near-uniform next-token distributions and `vocab * 3 / cap` tokens stop a completion, so every row of
+either model stops after a geometric number of tokens of mean cap / 3: most rows stop well before the cap, a few
+(about 5%) reach it, and both models draw their lengths from the same distribution (the mean lengths are printed
+to show it). Reported per step (median of the timed steps, after one warm-up step at a short cap): wall time, the
+rollout's share, tokens/s, and peak resident memory of the process during the step (Linux: VmHWM, reset before
+each step). Writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -98,3 +113,224 @@ def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int
     return {"step_s": results, "hybrid": hybrid_details, "speedup": base / results["h1rl HybridGRPOTrainer"],
             "speedups": {name: base / seconds for name, seconds in results.items() if name in hybrid_details},
             "settings": settings}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the hybrid against its teacher, one GRPO step each (`h1rl bench grpo --against-teacher`)
+
+
+def _timed(trainer_cls):
+    """`trainer_cls` timing its generation calls (`_generate_single_turn`, the rollout of either trainer)."""
+
+    class Timed(trainer_cls):
+        rollout_seconds: list[float]
+
+        def _generate_single_turn(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                self.rollout_seconds.append(time.perf_counter() - start)
+
+    Timed.__name__ = trainer_cls.__name__
+    return Timed
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    except OSError:
+        pass
+
+
+def _peak_rss_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+class _StepMemory:
+    """A `TrainerCallback` recording the process's peak resident memory of each optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.peaks: list[float] = []
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                _reset_peak_rss()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer.peaks.append(_peak_rss_gib())
+
+        self.callback = Callback()
+
+
+def teacher_and_hybrid(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, seed: int = 0):
+    """A random Mistral teacher and its hybrid (every other layer m2), with LM heads scaled to near-uniform
+    next-token distributions (logits ~1e-3), so that a stop set of k tokens ends a completion with probability
+    about k / vocab at every token, in either model."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from h1rl.models.convert import convert_teacher
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768, sliding_window=None,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    teacher = MistralForCausalLM(cfg)
+    hybrid = convert_teacher(teacher, ["m2" if i % 2 else "t" for i in range(layers)], ssm_cfg={"d_state": 16},
+                             seed=seed)
+    with torch.no_grad():
+        for model in (teacher, hybrid):
+            model.lm_head.weight.mul_(1e-3)
+    return teacher.train(), hybrid.train()
+
+
+def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int = 4, generations: int = 8,
+                        prompt_len: int = 128, hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 2,
+                        vocab: int = 32000, steps: int = 1, device: str = "cpu", gradient_checkpointing: bool = True,
+                        warmup_cap: int = 32, out_dir: str = "bench-grpo") -> dict:
+    """One GRPO step of the hybrid (HybridGRPOTrainer) and of its teacher (trl.GRPOTrainer) per cap, side by side;
+    stock TRL on the hybrid at the smallest cap. See the module docstring."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from h1rl.rl import HybridGRPOTrainer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = word_tokenizer(vocab)
+    words = [" ".join(f"w{(13 * i + 7 * j) % (vocab - 3)}" for j in range(prompt_len)) for i in range(64)]
+    dataset = Dataset.from_dict({"prompt": words})
+    settings = dict(caps=list(caps), prompts=prompts, generations=generations, prompt_len=prompt_len, hidden=hidden,
+                    layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, steps=steps, device=device,
+                    gradient_checkpointing=gradient_checkpointing, torch_threads=torch.get_num_threads())
+    print(f"GRPO step, hybrid (HybridGRPOTrainer) vs teacher (trl.GRPOTrainer): hidden {hidden}, {layers} layers, "
+          f"{heads}/{kv_heads} heads, vocab {vocab}, {prompts} prompts x G={generations}, prompts of {prompt_len} "
+          f"tokens, {device}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}, "
+          f"torch threads {torch.get_num_threads()}")
+    rows = []
+    for cap in caps:
+        runs = [("teacher", "trl.GRPOTrainer", GRPOTrainer), ("hybrid", "HybridGRPOTrainer", HybridGRPOTrainer)]
+        if cap == min(caps):
+            runs.append(("hybrid", "trl.GRPOTrainer", GRPOTrainer))
+        stops = list(range(1, 1 + max(1, round(vocab * 3 / cap))))  # mean length ~ cap / 3
+        for model_name, trainer_name, trainer_cls in runs:
+            teacher, hybrid = teacher_and_hybrid(hidden, layers, heads, kv_heads, vocab)
+            model = (teacher if model_name == "teacher" else hybrid).to(device)
+            model.generation_config.eos_token_id = stops
+            memory = _StepMemory()
+            with tempfile.TemporaryDirectory() as tmp:
+                logs, rollout_s = [], []
+                for phase, max_len, max_steps in (("warm-up", warmup_cap, 1), ("timed", cap, steps)):
+                    args = GRPOConfig(
+                        output_dir=tmp, use_cpu=device == "cpu", bf16=False,
+                        per_device_train_batch_size=prompts * generations, num_generations=generations,
+                        max_completion_length=max_len, max_steps=max_steps, learning_rate=1e-6, logging_steps=1,
+                        report_to=[], save_strategy="no", seed=0, beta=0.0, disable_tqdm=True,
+                        gradient_checkpointing=gradient_checkpointing,
+                    )
+                    trainer = _timed(trainer_cls)(model=model, reward_funcs=distinct_words, args=args,
+                                                  train_dataset=dataset, processing_class=tokenizer,
+                                                  callbacks=[memory.callback] if phase == "timed" else None)
+                    trainer.rollout_seconds = []
+                    trainer.remove_callback(PrinterCallback)  # the table below says what matters
+                    trainer.train()
+                    if phase == "timed":
+                        logs = [e for e in trainer.state.log_history if "step_time" in e]
+                        rollout_s = trainer.rollout_seconds
+            step = statistics.median(e["step_time"] for e in logs)
+            rollout = statistics.median(rollout_s)
+            mean_len = statistics.median(e["completions/mean_length"] for e in logs)
+            row = {"cap": cap, "model": model_name, "trainer": trainer_name, "step_s": step, "rollout_s": rollout,
+                   "rest_s": step - rollout, "mean_completion": mean_len,
+                   "max_completion": statistics.median(e["completions/max_length"] for e in logs),
+                   "tokens_per_s": mean_len * prompts * generations / step,
+                   "peak_rss_gib": max(memory.peaks) if memory.peaks else float("nan")}
+            rows.append(row)
+            print(f"  cap {cap:5d}  {model_name:7s} {trainer_name:18s} step {step:8.1f} s  rollout {rollout:8.1f} s  "
+                  f"rest {step - rollout:7.1f} s  mean/max completion {mean_len:6.0f}/{row['max_completion']:5.0f}  "
+                  f"{row['tokens_per_s']:7.1f} tok/s  peak RSS {row['peak_rss_gib']:.2f} GiB")
+    speedups = {}
+    for cap in caps:
+        by = {(r["model"], r["trainer"]): r["step_s"] for r in rows if r["cap"] == cap}
+        speedups[cap] = {"hybrid_vs_teacher": by["teacher", "trl.GRPOTrainer"] / by["hybrid", "HybridGRPOTrainer"]}
+        if ("hybrid", "trl.GRPOTrainer") in by:
+            speedups[cap]["h1rl_vs_trl_same_hybrid"] = by["hybrid", "trl.GRPOTrainer"] / by["hybrid",
+                                                                                          "HybridGRPOTrainer"]
+        same = speedups[cap].get("h1rl_vs_trl_same_hybrid")
+        print(f"  cap {cap:5d}: speed-up of the hybrid's step over the teacher's "
+              f"{speedups[cap]['hybrid_vs_teacher']:.2f}x"
+              + ("" if same is None else f"; of h1rl over stock TRL on the same hybrid {same:.2f}x"))
+    result = {"settings": settings, "rows": rows, "speedups": speedups}
+    (out / "grpo_vs_teacher.json").write_text(json.dumps(result, indent=2))
+    _plot_against_teacher(rows, out / "grpo_vs_teacher.png")
+    print(f"wrote {out / 'grpo_vs_teacher.json'} and {out / 'grpo_vs_teacher.png'}")
+    return result
+
+
+def _plot_against_teacher(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (model, trainer), style in ((("teacher", "trl.GRPOTrainer"), "s-"), (("hybrid", "HybridGRPOTrainer"), "o-"),
+                                    (("hybrid", "trl.GRPOTrainer"), "^")):
+        points = [r for r in rows if r["model"] == model and r["trainer"] == trainer]
+        if points:
+            ax.plot([r["cap"] for r in points], [r["step_s"] for r in points], style, label=f"{model}, {trainer}")
+            ax.plot([r["cap"] for r in points], [r["rollout_s"] for r in points], style[0] + ":", alpha=0.5,
+                    color=ax.lines[-1].get_color(), label="  its rollout")
+    teacher = {r["cap"]: r["step_s"] for r in rows if r["model"] == "teacher"}
+    for r in rows:
+        if r["trainer"] == "HybridGRPOTrainer":
+            ax.annotate(f"{teacher[r['cap']] / r['step_s']:.2f}x", (r["cap"], r["step_s"]), textcoords="offset points",
+                        xytext=(0, -14), ha="center")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("completion cap (tokens; mean length cap / 3)")
+    ax.set_ylabel("seconds per GRPO step")
+    ax.set_title("One GRPO step: hybrid vs its teacher")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m h1rl.bench.grpo_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--against-teacher", action="store_true", help="the hybrid vs its teacher (see the docstring)")
+    p.add_argument("--caps", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--steps", type=int, default=1, help="timed steps per run (median), after a warm-up step")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--out", default="bench-grpo", help="where the JSON and PNG go")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    args = p.parse_args(argv)
+    if not args.against_teacher:
+        run_grpo_benchmark(device=args.device, gradient_checkpointing=not args.no_gradient_checkpointing)
+        return 0
+    run_against_teacher(caps=tuple(args.caps), steps=args.steps, device=args.device, hidden=args.hidden,
+                        layers=args.layers, vocab=args.vocab, gradient_checkpointing=not args.no_gradient_checkpointing,
+                        out_dir=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
