@@ -250,7 +250,7 @@ class RolloutEngine:
         prompts: list[list[int]],
         num_generations: int | list[int] = 1,
         params: SamplingParams | None = None,
-        resumed: list[ResumedRow] = (),
+        resumed: list[ResumedRow] | None = None,
         decode_budget: int | None = None,
         on_finished: Callable[[list[int], list[list[int]]], None] | None = None,
     ) -> Rollout:
@@ -260,14 +260,16 @@ class RolloutEngine:
         `on_finished(rows, completion_ids)` is called as rows finish, while the others still decode (the GRPO trainer
         starts scoring them there)."""
         params = params or SamplingParams()
-        self._check_prompts(prompts, allow_none=bool(resumed))
+        self._check_prompts(prompts, allow_none=resumed is not None)
         counts = [num_generations] * len(prompts) if isinstance(num_generations, int) else list(num_generations)
         if len(counts) != len(prompts) or (counts and min(counts) < 1):
             raise ValueError(f"num_generations must be a positive int or one positive count per prompt, got {counts}")
         if decode_budget is not None and decode_budget < 0:
             raise ValueError(f"decode_budget must be >= 0 (or None), got {decode_budget}")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,)).item())
-        plans, units = row_plans(prompts, counts, params, seed, list(resumed))
+        plans, units = row_plans(prompts, counts, params, seed, list(resumed or []))
+        if not plans:  # nothing to do here; synced, the call still makes a scratch call per round of the others
+            return self._drive(_nothing(params.max_new_tokens))
         return self._drive(Phase(self, plans, units, params, decode_budget, on_finished).run())
 
     # ---- driving the model calls ---------------------------------------------------------------------------
@@ -363,7 +365,8 @@ class RolloutEngine:
 
     def _check_prompts(self, prompts: list[list[int]], allow_none: bool = False) -> None:
         if not prompts and not allow_none:
-            raise ValueError("no prompts given")
+            raise ValueError("no prompts given (pass resumed=[] explicitly for a call with no rows, e.g. to keep "
+                             "synced processes in step)")
         vocab = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             if len(p) == 0:
@@ -371,3 +374,11 @@ class RolloutEngine:
             bad = [tok for tok in p if not 0 <= int(tok) < vocab]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+
+def _nothing(max_new_tokens: int) -> Generator[Call, torch.Tensor, Rollout]:
+    """A phase with no rows: no model call of its own."""
+    empty = torch.zeros(0, 1, dtype=torch.long)
+    return Rollout([], empty, empty.float(), torch.zeros(0, dtype=torch.long), [], origins=[],
+                   resumed_lengths=torch.zeros(0, dtype=torch.long))
+    yield  # a generator
