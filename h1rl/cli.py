@@ -1,16 +1,23 @@
 """The `h1rl` command line: one subcommand per job, each a thin wrapper over the library function that does it.
 
+    h1rl grpo --config grpo_math [--learning_rate 1e-5 --max_steps 5 ...]    (--help: every key, TRL's and h1rl's)
+    h1rl distill --config distill_tiny [--stages.0.max_steps 10 ...]
+    h1rl demo [--quick] [--config demo] [--out_dir runs/demo2 --grpo.max_steps 60 ...]
+    h1rl eval --model DIR [--data FILE] [--num-samples 8] ...
     h1rl convert --teacher DIR --layout t,m2,m2,t --out DIR [--ssm-cfg JSON] [--dtype float32]
+    h1rl recipes [cp NAME DIR | path NAME]     the bundled recipes and launcher configs
+    h1rl env                                   the versions a bug report needs
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
     h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
                     [--length-chunks 4]
     h1rl bench memory --measure [--seq-lens 8192 32768] [--gpus N] [--json FILE]   (--help: every knob; without
                       --measure: the arithmetic table)
-    h1rl grpo --config recipes/grpo_tiny.yaml [key=value ...]
-    h1rl distill --config recipes/distill_tiny.yaml [key=value ...]
-    h1rl demo [--quick] [--config recipes/demo.yaml] [key=value ...]
-    h1rl eval --model DIR [--data FILE] [--num-samples 8] ...
+
+The training commands share one convention (`h1rl.flags`, docs/cli.md): a recipe by name or path, then `--key value`
+for any key. Importing this module is cheap (`import h1rl` loads neither torch nor transformers), so `h1rl --help`
+answers at once; each subcommand imports what it needs. Output: `h1rl recipes`, `h1rl env`, the benchmarks' tables and
+`convert` print (that is their job); the training commands log (`h1rl.log`, `--log_level`).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from h1rl.log import setup_logging
     from h1rl.models.convert import convert_to_directory
 
+    setup_logging("info")
     ssm_cfg = json.loads(args.ssm_cfg) if args.ssm_cfg else None
     out = convert_to_directory(args.teacher, args.layout, args.out, ssm_cfg=ssm_cfg, dtype=args.dtype)
     print(f"hybrid checkpoint written to {out}")

@@ -4,8 +4,8 @@ The one place where h1rl turns YAML into typed configs (distillation now, GRPO l
 
 - the dataclass is the single source of truth: YAML keys map one to one onto its fields, a nested dataclass onto a
   nested mapping, `list[SomeDataclass]` onto a sequence of mappings;
-- an unknown key is an error that names its full dotted key (`loss.temprature`, `stages.1.scorre`) and the keys
-  allowed there; a missing required field is an error naming its key;
+- an unknown key is an error that names its full dotted key (`loss.temprature`, `stages.1.scorre`), the closest
+  valid key and the keys allowed there; a missing required field is an error naming its key;
 - values are coerced to the annotated type: `int`, `float` (also from strings such as `1e-4`, which YAML 1.1 reads
   as text), `bool`, `str`, `Literal[...]`, `X | None`, `list[X]`, `tuple[X, ...]`, `dict[str, X]`, `Any`, nested
   dataclasses; a value that does not fit is an error naming the key, the expected type and the value;
@@ -29,13 +29,14 @@ Optim(lr=0.0001, betas=[0.9, 0.95])
 >>> load_config(Optim, data={"lr_": 1})
 Traceback (most recent call last):
 ...
-h1rl.config_io.ConfigError: <dict>: unknown key 'lr_'; allowed keys: lr, betas
+h1rl.config_io.ConfigError: <dict>: unknown key 'lr_' (did you mean 'lr'?); allowed keys: lr, betas
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib
 import re
 import types
@@ -64,6 +65,12 @@ _Loader.add_implicit_resolver(
                r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."),
 )
+
+
+def closest(key: str, valid: Sequence[str] | Mapping[str, Any] | set[str]) -> str:
+    """" (did you mean 'x'?)" for the valid key closest to `key` (difflib), or "" when none is close."""
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def parse_yaml(text: str) -> Any:
@@ -277,9 +284,8 @@ def _build_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
     for name in value:
         if name not in fields:
             where = f" under {key!r}" if key else ""
-            raise ConfigError(
-                f"{source}: unknown key {_join(key, str(name))!r}; allowed keys{where}: {', '.join(fields)}"
-            )
+            raise ConfigError(f"{source}: unknown key {_join(key, str(name))!r}{closest(str(name), fields)}; allowed "
+                              f"keys{where}: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in value:

@@ -1,8 +1,11 @@
 """`h1rl demo`: distill-then-RL end to end on the bundled teacher and task, on CPU, from a recipe.
 
-The demo is a recipe like any other: `recipes/demo.yaml` (and `recipes/demo_quick.yaml` for `--quick`) maps onto
-`DemoConfig`, whose `distill` and `grpo` sections are the same typed configs `h1rl distill` and `h1rl grpo` read.
-Fields set to "auto" are filled in by the demo (paths inside `out_dir`, the bundled teacher). Phases:
+    h1rl demo [--quick] [--config NAME|PATH] [--key value ...]      # e.g. --out_dir runs/demo2 --grpo.max_steps 5
+
+The demo is a recipe like any other: the bundled `demo` (and `demo_quick` for `--quick`) maps onto `DemoConfig`,
+whose `distill` section is the typed config `h1rl distill` reads and whose `grpo` section holds the flat keys of an
+`h1rl grpo` recipe. Fields set to "auto" are filled in by the demo (paths inside `out_dir`, the bundled teacher).
+Phases:
 
 1. data: the synthetic arithmetic task's train split (GRPO prompts; distillation conversations) and test split;
 2. evaluate the bundled teacher on the test split (`h1rl.eval`): greedy accuracy, and, when `sampled_eval` is set,
@@ -34,7 +37,7 @@ from typing import Any
 from h1rl.config_io import load_config, save_config
 from h1rl.distill.config import DistillConfig
 from h1rl.eval import EvalConfig
-from h1rl.rl.config import GRPORunConfig
+from h1rl.flags import flag_overrides, keys_epilog
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class TaskSpec:
 class DemoConfig:
     out_dir: str
     distill: DistillConfig
-    grpo: GRPORunConfig
+    grpo: dict[str, Any]  # the keys of an `h1rl grpo` recipe (flat, `h1rl grpo --help` lists them)
     task: TaskSpec = field(default_factory=TaskSpec)
     eval: EvalConfig = field(default_factory=EvalConfig)  # greedy: one answer per problem
     # pass@1 from n samples per problem at a temperature (RL papers' usual figure; a smoother estimate than one
@@ -67,8 +70,11 @@ class DemoConfig:
     throughput_new_tokens: int = 64  # generated tokens per row in the rollout throughput comparison
 
     def __post_init__(self):
+        from h1rl.rl.config import check_grpo_keys
+
         if self.distill_data not in DISTILL_DATA:
             raise ValueError(f"distill_data: expected one of {', '.join(DISTILL_DATA)}, got {self.distill_data!r}")
+        check_grpo_keys(self.grpo, "grpo")
 
 
 def resolve(cfg: DemoConfig) -> DemoConfig:
@@ -86,8 +92,9 @@ def resolve(cfg: DemoConfig) -> DemoConfig:
     if d.data.calibration_path == AUTO:
         d.data.calibration_path = str(out / "data" / "calibration.jsonl")
     g = cfg.grpo
-    g.output_dir = str(out / "grpo") if g.output_dir == AUTO else g.output_dir
-    g.data.path = str(out / "data" / "train.jsonl") if g.data.path == AUTO else g.data.path
+    for key, value in (("output_dir", out / "grpo"), ("dataset_name", out / "data" / "train.jsonl")):
+        if g.get(key, AUTO) == AUTO:
+            g[key] = str(value)
     return cfg
 
 
@@ -98,7 +105,7 @@ def write_data(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
     splits = make_splits(cfg.task.train_size, cfg.task.test_size, cfg.task.difficulty, cfg.task.seed)
     data = Path(cfg.out_dir) / "data"
     write_jsonl([{"question": r["question"], "answer": r["answer"]} for r in splits["train"]], data / "train.jsonl")
-    system = cfg.grpo.data.system_prompt
+    system = cfg.grpo.get("system_prompt")
     chats = [{"messages": to_chat(r, system)} for r in splits["train"]]
     write_jsonl(chats, data / "distill_solutions.jsonl")
     write_jsonl(chats[: cfg.distill.data.calibration_samples], data / "calibration.jsonl")
@@ -139,7 +146,7 @@ def write_teacher_traces(cfg: DemoConfig, train_rows: list[dict]) -> dict[str, A
     from h1rl.data import write_jsonl
     from h1rl.eval import trace_rows
 
-    config = dataclasses.replace(cfg.eval, system_prompt=cfg.grpo.data.system_prompt, num_samples=1, temperature=0.0,
+    config = dataclasses.replace(cfg.eval, system_prompt=cfg.grpo.get("system_prompt"), num_samples=1, temperature=0.0,
                                  pass_k=[])
     results = cached_evaluation(Path(cfg.out_dir) / "eval" / "teacher_train.json", "the teacher (training problems)",
                                 cfg.teacher, train_rows, config)
@@ -179,6 +186,7 @@ def throughput(teacher_dir: str, hybrid_dir: str, test_rows: list[dict], cfg: De
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from h1rl.distill.run import run_distillation
+    from h1rl.rl.config import grpo_args_from_mapping
     from h1rl.rl.run import run_grpo
 
     cfg = resolve(cfg)
@@ -205,12 +213,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     distilled = str(Path(cfg.distill.out_dir) / manifest["final_checkpoint"])
     results["hybrid_distilled"] = timed("eval", evaluate_once, "hybrid_distilled", distilled, test_rows, cfg)
 
-    cfg.grpo.model = distilled if cfg.grpo.model == AUTO else cfg.grpo.model
-    final = Path(cfg.grpo.output_dir) / "final"
-    log_path = Path(cfg.grpo.output_dir) / "log_history.json"
+    if cfg.grpo.get("model_name_or_path", AUTO) == AUTO:
+        cfg.grpo["model_name_or_path"] = distilled
+    grpo_args = grpo_args_from_mapping(cfg.grpo, "grpo")
+    final = Path(grpo_args.training.output_dir) / "final"
+    log_path = Path(grpo_args.training.output_dir) / "log_history.json"
     if not (final / "config.json").exists():
-        logger.info("GRPO from %s into %s", cfg.grpo.model, cfg.grpo.output_dir)
-        trainer = timed("grpo", run_grpo, cfg.grpo)
+        logger.info("GRPO from %s into %s", grpo_args.model.model_name_or_path, grpo_args.training.output_dir)
+        trainer = timed("grpo", run_grpo, grpo_args)
         log_path.write_text(json.dumps(trainer.state.log_history, indent=1))
     results["hybrid_grpo"] = timed("eval", evaluate_once, "hybrid_grpo", str(final), test_rows, cfg)
 
@@ -348,18 +358,23 @@ def write_report(out: Path, summary: dict[str, Any], grpo_log: list[dict]) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="h1rl demo", description="distill-then-RL on the bundled teacher (CPU)")
-    parser.add_argument("--config", default=None, help="demo recipe (default: recipes/demo.yaml)")
-    parser.add_argument("--quick", action="store_true", help="a much smaller run (recipes/demo_quick.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out_dir=runs/demo2")
-    args = parser.parse_args(argv)
-    from h1rl.log import setup_logging
+    """`h1rl demo [--quick] [--config NAME|PATH] [--log_level L] [--key value ...]`; prints the summary table."""
+    from h1rl.log import LOG_LEVELS, setup_logging
     from h1rl.recipes import find
 
-    setup_logging()
+    parser = argparse.ArgumentParser(
+        prog="h1rl demo", description="distill-then-RL on the bundled teacher (CPU), from a recipe plus --key value "
+        "overrides of any key below", epilog=keys_epilog(DemoConfig), allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="demo recipe: a bundled name or a YAML file (default: demo)")
+    parser.add_argument("--quick", action="store_true", help="a much smaller run (the demo_quick recipe)")
+    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="what h1rl logs (default info)")
+    args, rest = parser.parse_known_args(argv)
+    setup_logging(args.log_level)
     try:
         path = find(args.config or ("demo_quick" if args.quick else "demo"), kind="demo")
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    print_summary(run_demo(load_config(DemoConfig, path, args.overrides)))  # the command's output
+        config = load_config(DemoConfig, path, flag_overrides(rest))
+    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
+        parser.exit(2, f"h1rl demo: error: {err}\n")
+    print_summary(run_demo(config))  # the command's output
     return 0

@@ -366,6 +366,7 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from h1rl.assets import held_out_path
+    from h1rl.log import LOG_LEVELS, setup_logging
 
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(prog="h1rl eval", description=__doc__.split("\n\n")[0])
@@ -390,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traces", default=None,
                         help="also write the correct completions as chat rows for `h1rl distill` (a .jsonl file)")
     parser.add_argument("--traces-all", action="store_true", help="with --traces: keep wrong completions too")
+    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="what h1rl logs (default info)")
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
     if args.traces_all and not args.traces:
         parser.error("--traces-all needs --traces FILE")
     config = EvalConfig(

@@ -61,7 +61,7 @@ def test_nested_load_coercion_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["inner.sise=3"], "unknown key 'inner.sise'; allowed keys under 'inner': size, rate, mode"),
+        (["inner.sise=3"], "unknown key 'inner.sise' (did you mean 'size'?); allowed keys under 'inner': size, rate"),
         (["items.1.stepz=3"], "unknown key 'items.1.stepz'"),
         (["colour=red"], "unknown key 'colour'; allowed keys: name, items, inner"),
         (["inner.size=many"], "inner.size: expected int, got 'many'"),
@@ -117,7 +117,7 @@ def test_docstring_example_runs():
 
 
 def test_exponent_floats_reach_free_form_mappings_as_numbers(tmp_path):
-    # YAML 1.1 reads `1e-4` as a string; in `extra` (like GRPORunConfig.trl) nothing would coerce it later
+    # YAML 1.1 reads `1e-4` as a string; in `extra` (like DistillConfig's training.trainer_args) nothing would coerce it
     path = tmp_path / "cfg.yaml"
     path.write_text("name: x\nitems: []\nextra: {lr: 1e-4, steps: 10, big: 2E3, tag: 1e4x}\n")
     cfg = load_config(Outer, path, ["extra.lr2=3e-5", "inner.rate=5E-2"])

@@ -12,7 +12,7 @@ from h1rl.demo import main
 @pytest.mark.slow
 def test_quick_demo_runs_every_phase(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--quick", f"out_dir={out}"]) == 0
+    assert main(["--quick", "--out_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
     assert set(summary["accuracy"]) == {"teacher", "hybrid_distilled", "hybrid_grpo"}
@@ -38,7 +38,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     # a second run finds every phase done and redoes nothing
     cached = [out / "eval" / name for name in ("hybrid_grpo.json", "hybrid_grpo_sampled.json", "teacher_train.json")]
     stamps = [path.stat().st_mtime_ns for path in cached]
-    assert main(["--quick", f"out_dir={out}"]) == 0
+    assert main(["--quick", "--out_dir", str(out)]) == 0
     assert [path.stat().st_mtime_ns for path in cached] == stamps
 
 

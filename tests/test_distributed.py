@@ -52,8 +52,8 @@ def test_config_names_paths_and_errors(tmp_path):
 
 
 def test_launcher_arguments_are_dropped():
-    argv = ["--local_rank=1", "grpo", "--config", "r.yaml", "--local-rank", "0", "trl.max_steps=2"]
-    assert strip_launcher_args(argv) == ["grpo", "--config", "r.yaml", "trl.max_steps=2"]
+    argv = ["--local_rank=1", "grpo", "--config", "r.yaml", "--local-rank", "0", "--max_steps", "2"]
+    assert strip_launcher_args(argv) == ["grpo", "--config", "r.yaml", "--max_steps", "2"]
 
 
 def test_single_process_needs_no_set_up(monkeypatch):

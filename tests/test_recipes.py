@@ -14,14 +14,14 @@ from h1rl import recipes
 from h1rl.config_io import load_config
 from h1rl.demo import DemoConfig
 from h1rl.distill.config import DistillConfig
-from h1rl.rl.config import GRPORunConfig
+from h1rl.rl.config import parse_grpo_args
 
-CONFIGS = {"distill": DistillConfig, "grpo": GRPORunConfig, "demo": DemoConfig}
-RECIPES = [r for r in recipes.list_recipes() if r.kind in CONFIGS]
+CONFIGS = {"distill": DistillConfig, "demo": DemoConfig}
+RECIPES = [r for r in recipes.list_recipes() if r.kind in ("grpo", *CONFIGS)]
 
 
 def test_there_are_recipes_and_launcher_configs():
-    assert {r.kind for r in RECIPES} == set(CONFIGS)
+    assert {r.kind for r in RECIPES} == {"grpo", "distill", "demo"}
     names = recipes.names()
     for name in ("deepspeed/zero2", "deepspeed/zero3", "deepspeed/zero3_offload", "accelerate/zero2",
                  "accelerate/zero3", "accelerate/zero3_offload", "launch/hostfile", "launch/slurm_grpo"):
@@ -30,7 +30,10 @@ def test_there_are_recipes_and_launcher_configs():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
 def test_recipe_loads_into_its_config(recipe):
-    load_config(CONFIGS[recipe.kind], recipe.path)
+    if recipe.kind == "grpo":  # flat, TRL's way: the three dataclasses of h1rl.rl.config
+        parse_grpo_args(["--config", recipe.name])
+    else:
+        load_config(CONFIGS[recipe.kind], recipe.path)
     text = recipe.path.read_text()
     assert text.startswith("#"), f"{recipe.name} should start with a comment giving the command that runs it"
     assert f"h1rl {recipe.kind}" in text.split("\n\n")[0] or "python -m" in text.split("\n\n")[0]

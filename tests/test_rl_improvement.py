@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from h1rl.assets import teacher_dir
-from h1rl.config_io import load_config
 from h1rl.data import make_splits, write_jsonl
 from h1rl.eval import EvalConfig, evaluate
 from h1rl.models.convert import convert_to_directory
-from h1rl.rl.config import GRPORunConfig
+from h1rl.rl.config import grpo_args_from_mapping
 from h1rl.rl.run import run_grpo
 
 
@@ -35,16 +34,16 @@ def test_grpo_raises_the_sampled_accuracy_of_the_bundled_teacher(tmp_path):
         write_jsonl([{"question": r["question"], "answer": r["answer"]} for r in rows], tmp_path / "train.jsonl")
         model = convert_to_directory(teacher_dir(), "t,t,t,t", tmp_path / "hybrid")  # exact: same function
         before = sampled_accuracy(model, rows)
-        config = load_config(GRPORunConfig, data={
-            "model": str(model),
+        args = grpo_args_from_mapping({
+            "model_name_or_path": str(model),
             "output_dir": str(tmp_path / "grpo"),
-            "data": {"path": str(tmp_path / "train.jsonl"), "prompt_column": "question", "answer_column": "answer"},
-            "rewards": [{"name": "accuracy"}],
-            "trl": {"learning_rate": 1e-4, "num_generations": 8, "per_device_train_batch_size": 64,
-                    "max_completion_length": 64, "max_steps": 40, "save_strategy": "no", "logging_steps": 5,
-                    "seed": 0, "beta": 0.0, "disable_tqdm": True},
+            "dataset_name": str(tmp_path / "train.jsonl"), "prompt_column": "question", "answer_column": "answer",
+            "reward_funcs": ["accuracy"],
+            "learning_rate": 1e-4, "num_generations": 8, "per_device_train_batch_size": 64,
+            "max_completion_length": 64, "max_steps": 40, "save_strategy": "no", "logging_steps": 5, "seed": 0,
+            "beta": 0.0, "disable_tqdm": True,
         })
-        run_grpo(config)
+        run_grpo(args)
         after = sampled_accuracy(tmp_path / "grpo" / "final", rows)
     finally:
         torch.set_num_threads(threads)

@@ -145,7 +145,7 @@ class TrainingConfig:
     bf16: bool = False
     activation_checkpointing: bool = False  # recompute layer activations in backward (saves memory)
     seed: int = 0
-    deepspeed: str | None = None  # a DeepSpeed JSON file, or zero2 / zero3 / zero3_offload (recipes/deepspeed/)
+    deepspeed: str | None = None  # a DeepSpeed JSON file, or zero2 / zero3 / zero3_offload (bundled: h1rl recipes)
     report_to: str = "none"
     trainer_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field, by name
 

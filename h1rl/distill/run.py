@@ -1,7 +1,8 @@
-"""`h1rl distill --config FILE [key=value ...]`: a staged distillation run, resumable at any point.
+"""`h1rl distill --config RECIPE [--key value ...]`: a staged distillation run, resumable at any point.
 
-    h1rl distill --config recipes/distill_tiny.yaml                       # or: python -m h1rl.distill.run --config ...
-    h1rl distill --config recipes/distill_tiny.yaml stages.1.max_steps=50 training.learning_rate=5e-4
+    h1rl distill --config distill_tiny                     # a bundled recipe by name, or a YAML file's path
+    h1rl distill --config distill_tiny --stages.1.max_steps 50 --training.learning_rate 5e-4
+    h1rl distill --help                                    # every key, with its default and meaning
 
 `run_distillation(config)` is the library entry point. For each stage of `config.stages`: choose the layers to swap
 (explicit list, or the best `num_layers` of a LOO / MMR importance table computed on the current student), swap them
@@ -350,18 +351,24 @@ def _now() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`h1rl distill --config FILE [key=value ...]`; returns the exit status (2 for a bad config or schedule)."""
-    parser = argparse.ArgumentParser(prog="h1rl distill", description="staged distillation of a hybrid")
-    parser.add_argument("--config", required=True, help="YAML recipe (see recipes/distill_tiny.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages.0.max_steps=10 loss.ce_weight=1")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        from h1rl.recipes import find
+    """`h1rl distill --config RECIPE [--log_level L] [--key value ...]`; returns the exit status (2 for a bad config or
+    schedule)."""
+    from h1rl.flags import flag_overrides, keys_epilog
+    from h1rl.log import LOG_LEVELS
+    from h1rl.recipes import find
 
-        config = load_config(DistillConfig, find(args.config, kind="distill"), args.overrides)
+    parser = argparse.ArgumentParser(
+        prog="h1rl distill", description="staged distillation of a hybrid, from a recipe plus --key value overrides "
+        "of any key below (nested keys with dots, list items by index: --stages.0.max_steps 10)",
+        epilog=keys_epilog(DistillConfig), allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe: a bundled name (h1rl recipes) or a YAML file")
+    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="what h1rl logs (default info)")
+    args, rest = parser.parse_known_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_config(DistillConfig, find(args.config, kind="distill"), flag_overrides(rest))
         manifest = run_distillation(config)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"h1rl distill: error: {err}", file=sys.stderr)
         return 2
     print(f"h1rl distill: {manifest['completed_stages']}/{manifest['total_stages']} stages done; layout "

@@ -1,52 +1,59 @@
-"""`h1rl grpo --config FILE [key=value ...]`: a GRPO run from a recipe, resumable after any interruption.
+"""`h1rl grpo --config RECIPE [--key value ...]`: a GRPO run from a recipe, resumable after any interruption.
+
+    h1rl grpo --config grpo_math --learning_rate 1e-5 --max_steps 5       # a bundled recipe by name, or a file
+    h1rl grpo --help                                                       # every key: TRL's and h1rl's
+    accelerate launch --config_file $(h1rl recipes path accelerate/zero3) -m h1rl.cli grpo --config grpo_math
 
 What a run does, in order:
-1. loads `GRPORunConfig` from the YAML recipe plus overrides (unknown keys are errors naming the key) and writes
-   the resolved config to `output_dir/resolved_config.yaml`;
-2. loads the dataset (hub name or local json/jsonl/parquet), checks the prompt and answer columns (a missing one is
+1. parses the recipe and the flags into `GRPOScriptArguments`, `HybridGRPOConfig` and `HybridModelConfig` with TRL's
+   `TrlParser` (`h1rl.rl.config`): an unknown key fails here, before anything loads, naming the closest valid one;
+2. writes every key as parsed to `output_dir/resolved_config.yaml` (a recipe that `--config` reads back); resuming
+   with a changed config logs the keys that changed;
+3. loads the dataset (hub name or local json/jsonl/parquet/csv), checks the prompt and answer columns (a missing one is
    named, with the columns that exist), and shapes prompts as chat messages when asked;
-3. builds the rewards (`h1rl.rewards`) with their weights, and TRL's `GRPOConfig` from the `trl` mapping;
-4. loads the hybrid checkpoint and its tokenizer, adds LoRA if configured, and trains with `HybridGRPOTrainer`;
-5. resumes from the newest *complete* checkpoint in `output_dir` if there is one (a checkpoint is complete once
+4. builds the rewards (`h1rl.rewards`) with TRL's `reward_weights`;
+5. loads the hybrid checkpoint and its tokenizer, adds LoRA with TRL's `get_peft_config` if `use_peft`, and trains with
+   `HybridGRPOTrainer`;
+6. resumes from the newest *complete* checkpoint in `output_dir` if there is one (a checkpoint is complete once
    `trainer_state.json`, which transformers writes last, parses), so a run killed at any point and started again
    with the same command continues where it left off; with a fixed seed the final weights equal those of an
    uninterrupted run on CPU (rollouts are seeded by step, see `HybridGRPOTrainer`);
-6. saves the final model and tokenizer to `output_dir/final`.
+7. saves the final model and tokenizer to `output_dir/final`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from h1rl.config_io import ConfigError, diff_keys, import_object, load_config, parse_yaml, save_config, to_dict
-from h1rl.distributed import deepspeed_config_path, prepare_training_kwargs
-from h1rl.rl.config import DataConfig, GRPORunConfig, RewardSpec
+import yaml
+
+from h1rl.config_io import ConfigError, diff_keys, import_object, parse_yaml
+from h1rl.rl.config import GRPOArgs, GRPOScriptArguments, parse_grpo_args
 
 logger = logging.getLogger(__name__)
 
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_prompts(cfg: DataConfig):
+def load_prompts(cfg: GRPOScriptArguments):
     """The dataset with a `prompt` column (text or chat messages) and the answer column, validated."""
     from datasets import load_dataset
 
-    path = Path(cfg.path)
+    path = Path(cfg.dataset_name)
     if path.suffix in LOCAL_FORMATS:
         if not path.exists():
-            raise FileNotFoundError(f"data.path: {cfg.path} does not exist")
+            raise FileNotFoundError(f"dataset_name: {cfg.dataset_name} does not exist")
         dataset = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
     else:
-        dataset = load_dataset(cfg.path, split=cfg.split)
+        dataset = load_dataset(cfg.dataset_name, name=cfg.dataset_config, split=cfg.dataset_train_split)
     missing = [c for c in (cfg.prompt_column, cfg.answer_column) if c not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"{cfg.path}: missing column(s) {missing} (data.prompt_column / data.answer_column); "
+            f"{cfg.dataset_name}: missing column(s) {missing} (prompt_column / answer_column); "
             f"the dataset has {dataset.column_names}"
         )
     if cfg.max_samples is not None:
@@ -60,19 +67,23 @@ def load_prompts(cfg: DataConfig):
         prompt = row["prompt"]
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise ValueError(f"{cfg.path}: row {index}: empty prompt")
+                raise ValueError(f"{cfg.dataset_name}: row {index}: empty prompt")
             if cfg.chat:
                 messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
                 prompt = messages + [{"role": "user", "content": prompt}]
         elif not (isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)):
-            raise ValueError(f"{cfg.path}: row {index}: prompt must be text or a list of chat messages")
+            raise ValueError(f"{cfg.dataset_name}: row {index}: prompt must be text or a list of chat messages")
         return {"prompt": prompt}
 
     return dataset.map(shape, with_indices=True)
 
 
-def build_rewards(specs: list[RewardSpec], answer_column: str) -> tuple[list, list[float]]:
-    """Reward callables (TRL's contract) and their weights, from the run config."""
+def build_rewards(names: list[str], options: dict[str, dict[str, Any]] | None = None,
+                  answer_column: str = "answer") -> list:
+    """Reward callables (TRL's contract) from their names (`reward_funcs`) and options (`reward_kwargs`).
+
+    A built-in's options go to its factory; a function named by import path (`package.module:function`, or TRL's
+    `package.module.function`) is the reward itself, or, when it has options, a factory called with them."""
     from h1rl import rewards
 
     factories = {
@@ -80,23 +91,26 @@ def build_rewards(specs: list[RewardSpec], answer_column: str) -> tuple[list, li
         "format": rewards.format_reward,
         "length": rewards.overlong_penalty,
     }
+    options = options or {}
     funcs = []
-    for i, spec in enumerate(specs):
-        if spec.name in factories:
-            factory = factories[spec.name]
-        else:  # "package.module:function": the reward itself, or its factory when options are given
-            func = import_object(spec.name, f"rewards.{i}.name")
+    for name in names:
+        kwargs = options.get(name, {})
+        if name in factories:
+            factory = factories[name]
+        else:
+            spec = name if ":" in name else ":".join(name.rsplit(".", 1))
+            func = import_object(spec, f"reward_funcs: {name}")
             if not callable(func):
-                raise ValueError(f"rewards.{i}.name: {spec.name} is not callable")
-            if not spec.options:
+                raise ValueError(f"reward_funcs: {name} is not callable")
+            if not kwargs:
                 funcs.append(func)
                 continue
             factory = func
         try:
-            funcs.append(factory(**spec.options))
+            funcs.append(factory(**kwargs))
         except TypeError as err:
-            raise ValueError(f"rewards[{spec.name}].options: {err}") from err
-    return funcs, [spec.weight for spec in specs]
+            raise ValueError(f"reward_kwargs.{name}: {err}") from err
+    return funcs
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -115,67 +129,52 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def run_grpo(cfg: GRPORunConfig):
-    """Train per `cfg` (resuming if `cfg.output_dir` holds a checkpoint); returns the trainer, or None when the run in
-    `cfg.output_dir` is already complete (its last checkpoint at max_steps and its final model saved)."""
+def run_grpo(args: GRPOArgs):
+    """Train per `args` (`parse_grpo_args` / `grpo_args_from_mapping`), resuming if its output_dir holds a checkpoint;
+    returns the trainer, or None when the run in output_dir is already complete (its last checkpoint at max_steps and
+    its final model saved)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig
+    from trl import get_peft_config
 
-    import h1rl  # noqa: F401  (registers the hybrid Auto classes)
     from h1rl.rl.trainer import HybridGRPOTrainer
-    from h1rl.rollout import RolloutBudget
 
-    out = Path(cfg.output_dir)
+    script, training, model_args = args.script, args.training, args.model
+    out = Path(training.output_dir)
     resume = last_complete_checkpoint(out)
     saved = out / "resolved_config.yaml"
     if resume is not None and saved.exists():
-        changed = diff_keys(parse_yaml(saved.read_text()), to_dict(cfg))
+        changed = diff_keys(parse_yaml(saved.read_text()), args.recipe)
         if changed:
             logger.warning("resuming %s with a changed config: %s", resume, ", ".join(changed))
-    save_config(cfg, saved)
+    if training.process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(args.recipe, sort_keys=False))
 
-    dataset = load_prompts(cfg.data)
-    reward_funcs, weights = build_rewards(cfg.rewards, cfg.data.answer_column)
-    trl_kwargs = dict(cfg.trl)
-    trl_kwargs["deepspeed"] = deepspeed_config_path(trl_kwargs.get("deepspeed"))  # "zero2" etc. or a JSON file
-    trl_kwargs.update(prepare_training_kwargs(trl_kwargs["deepspeed"]))  # multi-process CPU: gloo (see module)
-    trl_kwargs.setdefault("use_cpu", not torch.cuda.is_available())
-    trl_kwargs.setdefault("bf16", torch.cuda.is_available())
-    trl_kwargs.setdefault("report_to", [])
-    try:
-        args = GRPOConfig(output_dir=str(out), reward_weights=weights, **trl_kwargs)
-    except TypeError as err:
-        raise ValueError(f"trl: {err} (the trl mapping takes trl.GRPOConfig's fields)") from err
-
-    if resume is not None and (out / "final" / "config.json").exists() and 0 < args.max_steps <= int(
+    if resume is not None and (out / "final" / "config.json").exists() and 0 < training.max_steps <= int(
         resume.name.split("-")[-1]
     ):  # resuming would run one step past max_steps (transformers' Trainer does), then overwrite final/
         logger.warning("%s is complete (%s, max_steps %d, final model in %s): nothing to do", out, resume.name,
-                       args.max_steps, out / "final")
+                       training.max_steps, out / "final")
         return None
 
-    model_dir = Path(cfg.model)
+    dataset = load_prompts(script)
+    reward_funcs = build_rewards(script.reward_funcs, script.reward_kwargs, script.answer_column)
+    model_dir = Path(model_args.model_name_or_path)
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"model: {cfg.model} has no config.json (expected an h1rl or Apriel-H1 checkpoint)")
+        raise FileNotFoundError(f"model_name_or_path: {model_dir} has no config.json (expected an h1rl or Apriel-H1 "
+                                "checkpoint; convert a transformer with h1rl convert)")
+    dtype = model_args.dtype or ("bfloat16" if training.bf16 else "float32")
+    init_kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "revision": model_args.model_revision,
+                   **({"attn_implementation": model_args.attn_implementation}
+                      if model_args.attn_implementation else {}),
+                   **(training.model_init_kwargs or {})}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    peft_config = None
-    if cfg.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    trainer = HybridGRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                                processing_class=tokenizer, peft_config=peft_config,
-                                dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
-                                skip_zero_advantage_rows=cfg.skip_zero_advantage_rows,
-                                share_prompt_prefix=cfg.share_prompt_prefix, length_chunks=cfg.length_chunks,
-                                rollout_budget=RolloutBudget(cfg.rollout_max_rows, cfg.rollout_memory_gb,
-                                                             cfg.rollout_prefill_chunk),
-                                importance_sampling_correction=cfg.importance_sampling_correction)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **init_kwargs)
+    trainer = HybridGRPOTrainer(model=model, reward_funcs=reward_funcs, args=training, train_dataset=dataset,
+                                processing_class=tokenizer, peft_config=get_peft_config(model_args))
     if resume is not None:
-        logger.warning("resuming from %s", resume)
+        logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     trainer.save_model(str(out / "final"))
     tokenizer.save_pretrained(str(out / "final"))
@@ -186,15 +185,14 @@ def run_grpo(cfg: GRPORunConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="h1rl grpo", description="GRPO on a hybrid model from a YAML recipe")
-    parser.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trl.max_steps=10 data.max_samples=64")
-    args = parser.parse_args(argv)
-    try:
-        from h1rl.recipes import find
+    """`h1rl grpo --config RECIPE [--key value ...]`; returns the exit status (2 for a bad recipe or flag)."""
+    from h1rl.log import setup_logging
 
-        run_grpo(load_config(GRPORunConfig, find(args.config, kind="grpo"), args.overrides))
+    try:
+        args = parse_grpo_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         print(f"h1rl grpo: error: {err}", file=sys.stderr)
         return 2
+    setup_logging(args.training.log_level)
+    run_grpo(args)
     return 0

@@ -103,35 +103,33 @@ def group_consecutive(prompt_ids: list[list[int]]) -> tuple[list[list[int]], lis
 class HybridGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` whose completions come from `h1rl.rollout.RolloutEngine` (see the module docstring).
 
-    Takes `GRPOTrainer`'s arguments plus h1rl's keyword-only switches (see the module docstring). The model (after
-    PEFT wrapping, if any) must be an h1rl `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since
-    the engine replaces them. `importance_sampling_correction`: True, False, or None for on unless the policy runs in
-    float32 (all floating parameters float32 and no bf16/fp16 mixed precision) or TRL's
-    `vllm_importance_sampling_correction` is False; the resolved value is the attribute of the same name.
+    Takes `GRPOTrainer`'s arguments; h1rl's settings are read from `args`, a `HybridGRPOConfig` (`h1rl.rl.config`:
+    `dynamic_sampling_rounds`, `skip_zero_advantage_rows`, `share_prompt_prefix`, `length_chunks`,
+    `importance_sampling_correction`, `rollout_max_rows`, `rollout_memory_gb`, `rollout_prefill_chunk`). With TRL's
+    plain `GRPOConfig` they take HybridGRPOConfig's defaults. Keyword arguments of the same names override `args`
+    (for Python users; `rollout_budget=RolloutBudget(...)` overrides the three `rollout_*` settings at once). The
+    resolved values are the trainer's attributes of the same names. The model (after PEFT wrapping, if any) must be
+    an h1rl `HybridForCausalLM`; vLLM and TRL's continuous batching are refused since the engine replaces them.
+    `importance_sampling_correction`: True, False, or None for on unless the policy runs in float32 (all floating
+    parameters float32 and no bf16/fp16 mixed precision) or TRL's `vllm_importance_sampling_correction` is False.
     """
 
-    def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, dynamic_sampling_rounds: int = 0,
-                 skip_zero_advantage_rows: bool = True, share_prompt_prefix: bool | None = None,
-                 length_chunks: int = 4, importance_sampling_correction: bool | None = None,
-                 rollout_budget: RolloutBudget | None = None, **kwargs: Any):
+    def __init__(self, model: Any, reward_funcs: Any = None, *args: Any, **kwargs: Any):
+        from h1rl.rl.config import HYBRID_FIELDS, check_whole_groups, hybrid_settings
+
+        overrides = {name: kwargs.pop(name) for name in HYBRID_FIELDS if name in kwargs}
+        rollout_budget: RolloutBudget | None = kwargs.pop("rollout_budget", None)
         # Reward functions are validated on every call: an exception, a wrong length, a non-number or NaN raises an
         # error naming the function and the sample instead of training on garbage (h1rl.rewards.checked).
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         funcs = [checked(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         super().__init__(model, funcs if isinstance(reward_funcs, list) else funcs[0], *args, **kwargs)
-        if dynamic_sampling_rounds < 0:
-            raise ValueError(f"dynamic_sampling_rounds must be >= 0, got {dynamic_sampling_rounds}")
-        if length_chunks < 1:
-            raise ValueError(f"length_chunks must be >= 1, got {length_chunks}")
-        local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
-        if dynamic_sampling_rounds and self.accelerator.num_processes > 1 and local_rows % self.num_generations:
-            raise ValueError(
-                f"dynamic sampling with {self.accelerator.num_processes} processes needs whole groups on each process: "
-                f"per_device_train_batch_size x steps_per_generation ({local_rows}) must be a multiple of "
-                f"num_generations ({self.num_generations})"
-            )
-        self.dynamic_sampling_rounds = dynamic_sampling_rounds
-        self.skip_zero_advantage_rows = skip_zero_advantage_rows and zero_advantage_rows_are_inert(
+        settings = hybrid_settings(self.args, overrides)
+        check_whole_groups(settings["dynamic_sampling_rounds"], self.accelerator.num_processes,
+                           self.args.per_device_train_batch_size * self.args.steps_per_generation,
+                           self.num_generations)
+        self.dynamic_sampling_rounds = settings["dynamic_sampling_rounds"]
+        self.skip_zero_advantage_rows = settings["skip_zero_advantage_rows"] and zero_advantage_rows_are_inert(
             self.loss_type, self.beta, self.top_entropy_quantile, self._entropy_bonus_enabled, self.aux_loss_enabled)
         self._last_rewards_per_func: torch.Tensor | None = None
         if self.use_vllm or getattr(self, "use_transformers_continuous_batching", False):
@@ -144,13 +142,16 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._rollouts_at_step = 0
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
-        self.share_prompt_prefix = share_prompt_prefix  # None: decided per call, where the tensors are (see below)
-        self.length_chunks = length_chunks
-        self.rollout_budget = rollout_budget or RolloutBudget()
+        self.share_prompt_prefix = settings["share_prompt_prefix"]  # None: decided per call, where the tensors are
+        self.length_chunks = settings["length_chunks"]
+        self.rollout_budget = rollout_budget or RolloutBudget(settings["rollout_max_rows"],
+                                                              settings["rollout_memory_gb"],
+                                                              settings["rollout_prefill_chunk"])
         for module in base.modules():  # a model built before DeepSpeed was imported registers them now
             if isinstance(module, MambaMixer):
                 module.register_external_parameters()
-        self.importance_sampling_correction = self._resolve_importance_sampling(importance_sampling_correction)
+        self.importance_sampling_correction = self._resolve_importance_sampling(
+            settings["importance_sampling_correction"])
 
     def _resolve_importance_sampling(self, requested: bool | None) -> bool:
         """Whether the sampler/trainer mismatch correction runs (see the module docstring), checked against TRL's

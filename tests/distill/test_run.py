@@ -43,7 +43,7 @@ def test_two_stage_distillation_via_cli(write_recipe, tmp_path, capsys):
     out = tmp_path / "run"
     recipe = write_recipe([{"name": "loo", "scorer": "loo", "num_layers": 2, "max_steps": 30},
                            {"name": "mmr", "scorer": "mmr", "num_layers": 1, "max_steps": 30}], out)
-    assert main(["--config", str(recipe), "training.learning_rate=3e-4", "training.logging_steps=10"]) == 0
+    assert main(["--config", str(recipe), "--training.learning_rate", "3e-4", "--training.logging_steps=10"]) == 0
     captured = capsys.readouterr()
     assert "loo importance" in captured.err and "mmr importance" in captured.err  # logged (h1rl.log)
     assert "2/2 stages done" in captured.out  # the command's closing summary
@@ -112,19 +112,21 @@ def test_resume_after_interruption_continues(make_config, tmp_path, stage):
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "flags, message",
     [
-        (["stages.1.layers=[7]"], "stage 2 (stages.1): layer 7 is out of range: the model has 4 layers (0..3)"),
-        (["stages.0.layers=[0, 1, 2]", "stages.1.layers=[2, 3]"],
+        (["--stages.1.layers", "[7]"], "stage 2 (stages.1): layer 7 is out of range: the model has 4 layers (0..3)"),
+        (["--stages.0.layers", "[0, 1, 2]", "--stages.1.layers", "[2, 3]"],
          "stage 2 (stages.1): layer 2 is not an attention layer any more (swapped by an earlier stage)"),
-        (["stages.1={scorer: loo, num_layers: 4, max_steps: 1}"],
+        (["--stages.1", "{scorer: loo, num_layers: 4, max_steps: 1}"],
          "stage 2 (stages.1): swaps 4 layers by loo but only 3 attention layers are left to choose from"),
-        (["stages.0={scorer: best, num_layers: 1, max_steps: 1}"], "stages.0: scorer: unknown scorer 'best'"),
+        (["--stages.0={scorer: best, num_layers: 1, max_steps: 1}"], "stages.0: scorer: unknown scorer 'best'"),
+        (["--training.learning_rat", "1"], "unknown key 'training.learning_rat' (did you mean 'learning_rate'?)"),
+        (["training.seed=1"], "unexpected argument 'training.seed=1': give keys as --key value"),
     ],
 )
-def test_cli_rejects_bad_schedules_before_training(write_recipe, tmp_path, capsys, overrides, message):
+def test_cli_rejects_bad_schedules_before_training(write_recipe, tmp_path, capsys, flags, message):
     recipe = write_recipe([{"layers": [1], "max_steps": 1}, {"layers": [2], "max_steps": 1}])
-    assert main(["--config", str(recipe), *overrides]) == 2
+    assert main(["--config", str(recipe), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("h1rl distill: error: ")
     assert not (tmp_path / "run").exists()  # nothing written: a corrected rerun in the same out_dir starts cleanly

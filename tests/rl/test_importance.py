@@ -398,11 +398,11 @@ def test_two_processes_under_zero3_match_one(tmp_path):
     from test_zero import check_ranks, grpo_world, launch, single
 
     recipe, model = grpo_world(tmp_path)
-    settings = ["importance_sampling_correction=true", "trl.vllm_importance_sampling_mode=token_truncate"]
-    single("grpo", recipe, f"output_dir={tmp_path / 'single'}", *settings)
+    settings = ["--importance_sampling_correction", "true", "--vllm_importance_sampling_mode", "token_truncate"]
+    single("grpo", recipe, "--output_dir", str(tmp_path / "single"), *settings)
     reference = load_file(tmp_path / "single" / "final" / "model.safetensors")
-    ranks = launch("grpo", recipe, tmp_path / "report", f"output_dir={tmp_path / 'zero3'}", "trl.deepspeed=zero3",
-                   "trl.per_device_train_batch_size=4", *settings)
+    ranks = launch("grpo", recipe, tmp_path / "report", "--output_dir", str(tmp_path / "zero3"), "--deepspeed", "zero3",
+                   "--per_device_train_batch_size", "4", *settings)
     check_ranks(ranks, reference, load_file(model / "model.safetensors"))
     for info in ranks:
         logs = [e for e in info["log_history"] if "sampling/importance_sampling_ratio/max" in e]

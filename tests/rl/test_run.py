@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +19,9 @@ import yaml
 from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
-from h1rl.config_io import ConfigError, load_config
-from h1rl.rl.config import GRPORunConfig
-from h1rl.rl.run import last_complete_checkpoint, load_prompts
+from h1rl.config_io import ConfigError
+from h1rl.rl.config import parse_grpo_args
+from h1rl.rl.run import build_rewards, last_complete_checkpoint, load_prompts, run_grpo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,40 +39,124 @@ def make_assets(root: Path) -> tuple[Path, Path]:
     return root / "model", data
 
 
-def recipe(root: Path, model: Path, data: Path, out: Path, **trl) -> Path:
+def recipe(root: Path, model: Path, data: Path, out: Path, **keys) -> Path:
+    """A flat GRPO recipe over the tiny assets (TRL's keys and h1rl's, as `h1rl grpo` reads them)."""
     cfg = {
-        "model": str(model),
+        "model_name_or_path": str(model),
         "output_dir": str(out),
-        "data": {"path": str(data), "prompt_column": "question", "answer_column": "answer"},
-        "rewards": [{"name": "toy_rewards:distinct_tokens", "weight": 1.0}],  # varies within every group
-        "trl": {"per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8,
-                "learning_rate": 0.01, "logging_steps": 1, "seed": 0, "beta": 0.0, "save_strategy": "steps",
-                "save_steps": 1, **trl},
+        "dataset_name": str(data), "prompt_column": "question", "answer_column": "answer",
+        "reward_funcs": ["toy_rewards:distinct_tokens"],  # varies within every group
+        "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8, "learning_rate": 0.01,
+        "logging_steps": 1, "seed": 0, "beta": 0.0, "save_strategy": "steps", "save_steps": 1, **keys,
     }
     path = root / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_unknown_keys_and_missing_columns_are_named(tmp_path):
+def test_recipe_plus_flags(tmp_path):
+    model, data = make_assets(tmp_path)
+    path = recipe(tmp_path, model, data, tmp_path / "run", max_steps=3)
+    args = parse_grpo_args(["--config", str(path), "--learning_rate", "1e-5", "--max_steps", "5", "--length_chunks",
+                            "2", "--no_skip_zero_advantage_rows", "--use_peft", "--lora_r", "4"])
+    assert args.training.learning_rate == 1e-5 and args.training.max_steps == 5  # flags win over the recipe
+    assert args.training.num_generations == 4 and args.training.length_chunks == 2  # the recipe over the defaults
+    assert args.training.skip_zero_advantage_rows is False and args.model.use_peft and args.model.lora_r == 4
+    assert args.model.lora_target_modules == ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+    assert args.training.bf16 is False and args.training.use_cpu is True  # h1rl's defaults on a machine without CUDA
+    assert args.script.dataset_name == str(data) and args.model.model_name_or_path == str(model)
+    assert args.recipe["learning_rate"] == 1e-5 and args.recipe["num_generations"] == 4
+    # the recipe as parsed reads back to the same run (what resolved_config.yaml is for)
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(yaml.safe_dump(args.recipe))
+    again = parse_grpo_args(["--config", str(saved)])
+    assert again.recipe == args.recipe and again.training.to_dict() == args.training.to_dict()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rat", "1"], "unknown option --learning_rat (did you mean '--learning_rate'?)"),
+    (["max_steps=5"], "['max_steps=5']: unexpected arguments; give overrides as --key value"),
+    (["--reward_funcs", "acuracy"], "'acuracy' (did you mean 'accuracy'?) is neither a built-in reward"),
+    (["--reward_kwargs", "{lenght: {max_length: 8}}"], "reward_kwargs: 'lenght' is not one of reward_funcs"),
+    (["--dynamic_sampling_rounds", "-1"], "dynamic_sampling_rounds must be >= 0 (0 turns dynamic sampling off)"),
+    (["--rollout_max_rows", "0"], "rollout_max_rows must be >= 1, or unset to size it by memory"),
+    (["--use_vllm"], "use_vllm: h1rl generates with its own engine; remove use_vllm"),
+    (["--importance_sampling_correction", "true", "--no_vllm_importance_sampling_correction"],
+     "importance_sampling_correction=True contradicts vllm_importance_sampling_correction=False"),
+    (["--deepspeed", "zero4"], "deepspeed: zero4 is neither a file nor one of the bundled configs"),
+    (["--load_in_4bit"], "load_in_4bit / load_in_8bit: quantized hybrids are not supported"),
+])
+def test_bad_keys_and_values_are_named(tmp_path, argv, message):
+    model, data = make_assets(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        parse_grpo_args(["--config", str(recipe(tmp_path, model, data, tmp_path / "run")), *argv])
+    assert message in str(err.value)
+
+
+def test_unknown_keys_fail_before_anything_loads(tmp_path):
+    """A misspelt key in the recipe is reported before the (missing) dataset or model is touched, with the closest
+    valid key; the same for a missing model path."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "/nope", "dataset_name": "/nope.jsonl", "output_dir": "x",
+                                    "num_generation": 4}))
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'num_generation' \(did you mean 'num_generations'\?\)"):
+        parse_grpo_args(["--config", str(path)])
+    path.write_text(yaml.safe_dump({"dataset_name": "/nope.jsonl", "output_dir": "x"}))
+    with pytest.raises(ConfigError, match="model_name_or_path: required"):
+        parse_grpo_args(["--config", str(path)])
+
+
+def test_cli_errors_and_help(tmp_path):
     model, data = make_assets(tmp_path)
     path = recipe(tmp_path, model, data, tmp_path / "run")
-    with pytest.raises(ConfigError, match="data.promt_column"):
-        load_config(GRPORunConfig, path, ["data.promt_column=x"])
-    cfg = load_config(GRPORunConfig, path, ["data.answer_column=solution"])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    bad = subprocess.run([sys.executable, "-m", "h1rl.cli", "grpo", "--config", str(path), "--lerning_rate", "1"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "did you mean '--learning_rate'?" in bad.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+    helped = subprocess.run([sys.executable, "-m", "h1rl.cli", "grpo", "--help"], capture_output=True, text=True,
+                            env=env)
+    assert helped.returncode == 0
+    from h1rl.rl.config import DATACLASSES
+
+    fields = {f.name for cls in DATACLASSES for f in dataclasses.fields(cls) if f.init}
+    listed = set(re.findall(r"^  --(\w+)", helped.stdout, flags=re.M))
+    assert fields <= listed, sorted(fields - listed)  # --help lists every key, TRL's and h1rl's
+    assert "DAPO's dynamic sampling" in helped.stdout
+
+
+def test_missing_columns_are_named(tmp_path):
+    model, data = make_assets(tmp_path)
+    args = parse_grpo_args(["--config", str(recipe(tmp_path, model, data, tmp_path / "run")), "--answer_column",
+                            "solution"])
     with pytest.raises(ValueError, match=r"missing column\(s\) \['solution'\].*\['question', 'answer'\]"):
-        load_prompts(cfg.data)
-    with pytest.raises(ValueError, match="trl.output_dir"):
-        load_config(GRPORunConfig, path, ["trl.output_dir=/tmp/x"])
+        load_prompts(args.script)
 
 
 def test_prompts_become_chat_messages(tmp_path):
     model, data = make_assets(tmp_path)
-    cfg = load_config(GRPORunConfig, recipe(tmp_path, model, data, tmp_path / "run"), ["data.system_prompt=be brief"])
-    dataset = load_prompts(cfg.data)
+    args = parse_grpo_args(["--config", str(recipe(tmp_path, model, data, tmp_path / "run")), "--system_prompt",
+                            "be brief"])
+    dataset = load_prompts(args.script)
     system, user = {"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 0 + 0"}
     assert dataset[0]["prompt"] == [system, user]
     assert dataset[3]["answer"] == "6"
+
+
+def test_resuming_with_a_changed_config_logs_the_changed_keys(tmp_path, caplog):
+    """A complete run started again with another learning rate: the change is logged, nothing is loaded or trained."""
+    model, data = make_assets(tmp_path)
+    path = recipe(tmp_path, model, data, tmp_path / "run", max_steps=2)
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text("{}")
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump(parse_grpo_args(["--config", str(path)]).recipe))
+    with caplog.at_level(logging.INFO, logger="h1rl"):
+        assert run_grpo(parse_grpo_args(["--config", str(path), "--learning_rate", "0.02"])) is None
+    assert "with a changed config: learning_rate" in caplog.text and "nothing to do" in caplog.text
+    assert yaml.safe_load((out / "resolved_config.yaml").read_text())["learning_rate"] == 0.02
 
 
 def test_incomplete_checkpoints_are_skipped(tmp_path):
@@ -80,10 +167,10 @@ def test_incomplete_checkpoints_are_skipped(tmp_path):
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
 
 
-def run_cli(config: Path, *overrides: str, kill_when: Path | None = None) -> int:
+def run_cli(config: Path, *flags: str, kill_when: Path | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}  # toy_rewards
-    proc = subprocess.Popen([sys.executable, "-m", "h1rl.cli", "grpo", "--config", str(config), *overrides],
+    proc = subprocess.Popen([sys.executable, "-m", "h1rl.cli", "grpo", "--config", str(config), *flags],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if kill_when is None:
         _, err = proc.communicate(timeout=600)
@@ -127,18 +214,14 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_custom_rewards_by_import_path():
-    from h1rl.rl.config import RewardSpec
-    from h1rl.rl.run import build_rewards
-
-    funcs, weights = build_rewards(
-        [RewardSpec("h1rl.rewards:format_reward", 0.5, {"reasoning_tags": ["<r>", "</r>"]}),  # a factory + options
-         RewardSpec("toy_rewards:distinct_tokens", 2.0)],  # a reward function itself
+    funcs = build_rewards(
+        ["h1rl.rewards:format_reward", "toy_rewards.distinct_tokens"],  # TRL's dotted form works too
+        {"h1rl.rewards:format_reward": {"reasoning_tags": ["<r>", "</r>"]}},  # options: a factory called with them
         "answer",
     )
-    assert weights == [0.5, 2.0]
     assert funcs[1](completion_ids=[[1, 2, 2], [3]]) == [2.0, 1.0]
     assert funcs[0](completions=[r"<r> so </r> \boxed{4}", "4"]) == [1.0, 0.0]
-    with pytest.raises(ValueError, match="neither a built-in reward"):
-        RewardSpec("my_reward")
-    with pytest.raises(ConfigError, match=r"rewards.0.name: cannot import 'h1rl.nope:f'"):
-        build_rewards([RewardSpec("h1rl.nope:f")], "answer")
+    with pytest.raises(ConfigError, match=r"reward_funcs: h1rl.nope:f: cannot import 'h1rl.nope:f'"):
+        build_rewards(["h1rl.nope:f"])
+    with pytest.raises(ValueError, match=r"reward_kwargs.length: .*unexpected keyword argument 'max_lenght'"):
+        build_rewards(["length"], {"length": {"max_lenght": 3}})

@@ -48,10 +48,10 @@ LAUNCHERS = {  # 2 processes on this machine, as docs/multinode.md launches them
 }
 
 
-def launch(mode: str, config: Path, report: Path, *overrides: str, launcher: str = "torchrun") -> list[dict]:
+def launch(mode: str, config: Path, report: Path, *flags: str, launcher: str = "torchrun") -> list[dict]:
     """2 processes of the worker; returns the two ranks' reports (their parameters under `params`)."""
     cmd = [sys.executable, *LAUNCHERS[launcher], str(free_port()), str(WORKER), mode, str(config), str(report),
-           *overrides]
+           *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     ranks = []
@@ -62,9 +62,9 @@ def launch(mode: str, config: Path, report: Path, *overrides: str, launcher: str
     return ranks
 
 
-def single(mode: str, config: Path, *overrides: str) -> None:
+def single(mode: str, config: Path, *flags: str) -> None:
     """The same recipe in one process, through the command line."""
-    cmd = [sys.executable, "-m", "h1rl.cli", mode, "--config", str(config), *overrides]
+    cmd = [sys.executable, "-m", "h1rl.cli", mode, "--config", str(config), *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
 
@@ -120,13 +120,13 @@ def grpo_world(root: Path) -> tuple[Path, Path]:
     # SGD: updates linear in the gradient, so "equal within float32" is tight (2 processes vs 1 measured ~1e-6 of the
     # update); Adam divides by sqrt(v) and turns last-bit gradient noise on near-zero gradients into ~1e-3 of it
     recipe = {
-        "model": str(root / "model"),
+        "model_name_or_path": str(root / "model"),
         "output_dir": str(root / "unset"),
-        "data": {"path": str(root / "data.jsonl"), "prompt_column": "question", "answer_column": "answer"},
-        "rewards": [{"name": "toy_rewards:distinct_tokens"}],
-        "trl": {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8,
-                "learning_rate": 0.5, "optim": "sgd", "max_steps": 3, "logging_steps": 1, "seed": 0, "beta": 0.0,
-                "save_strategy": "no", "temperature": 1.0},
+        "dataset_name": str(root / "data.jsonl"), "prompt_column": "question", "answer_column": "answer",
+        "reward_funcs": ["toy_rewards:distinct_tokens"],
+        "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8, "learning_rate": 0.5,
+        "optim": "sgd", "max_steps": 3, "logging_steps": 1, "seed": 0, "beta": 0.0, "save_strategy": "no",
+        "temperature": 1.0,
     }
     path = root / "grpo.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -137,7 +137,7 @@ def grpo_world(root: Path) -> tuple[Path, Path]:
 def grpo_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     recipe, model = grpo_world(root)
-    single("grpo", recipe, f"output_dir={root / 'single'}")
+    single("grpo", recipe, "--output_dir", str(root / "single"))
     reference = load_file(root / "single" / "final" / "model.safetensors")
     return root, recipe, reference, load_file(model / "model.safetensors")
 
@@ -146,9 +146,9 @@ def grpo_reference(tmp_path_factory):
 def test_grpo_two_processes_match_one(grpo_reference, stage):
     root, recipe, reference, start = grpo_reference
     out = root / stage
-    deepspeed = [] if stage == "ddp" else [f"trl.deepspeed={stage}"]  # ddp: plain data parallel over gloo
-    ranks = launch("grpo", recipe, root / f"{stage}_report", f"output_dir={out}", *deepspeed,
-                   "trl.per_device_train_batch_size=4")  # 2 processes x 4 = the reference's global batch of 8
+    deepspeed = [] if stage == "ddp" else ["--deepspeed", stage]  # ddp: plain data parallel over gloo
+    ranks = launch("grpo", recipe, root / f"{stage}_report", "--output_dir", str(out), *deepspeed,
+                   "--per_device_train_batch_size", "4")  # 2 processes x 4 = the reference's global batch of 8
     check_ranks(ranks, reference, start, kind="MULTI_CPU" if stage == "ddp" else "DEEPSPEED")
     saved = hf_params(out / "final")  # written by save_model: under ZeRO-3 the 16-bit weights are gathered on save
     for name, value in saved.items():
@@ -160,9 +160,9 @@ def test_other_launchers_give_the_same_run(grpo_reference, launcher):
     """`deepspeed` (which adds --local_rank to the command line) and `accelerate launch` with the bundled ZeRO-2
     accelerate config (DeepSpeed enabled by the launcher, not the recipe) train exactly like torchrun."""
     root, recipe, reference, start = grpo_reference
-    extra = [] if launcher == "accelerate" else ["trl.deepspeed=zero2"]
-    ranks = launch("grpo", recipe, root / f"{launcher}_report", f"output_dir={root / launcher}", *extra,
-                   "trl.per_device_train_batch_size=4", launcher=launcher)
+    extra = [] if launcher == "accelerate" else ["--deepspeed", "zero2"]
+    ranks = launch("grpo", recipe, root / f"{launcher}_report", "--output_dir", str(root / launcher), *extra,
+                   "--per_device_train_batch_size", "4", launcher=launcher)
     check_ranks(ranks, reference, start)
 
 
@@ -171,11 +171,11 @@ def test_grpo_with_a_reference_model_under_zero3(grpo_reference):
     reference log-probs in forwards of batch_size rows): both processes run equally many forwards whatever their
     completion lengths (unequal counts hung ZeRO-3's parameter gathers), and the run equals one process."""
     root, recipe, _, start = grpo_reference
-    settings = ["trl.beta=0.04", "trl.gradient_accumulation_steps=2"]
-    single("grpo", recipe, f"output_dir={root / 'kl_single'}", *settings)
+    settings = ["--beta", "0.04", "--gradient_accumulation_steps", "2"]
+    single("grpo", recipe, "--output_dir", str(root / "kl_single"), *settings)
     reference = load_file(root / "kl_single" / "final" / "model.safetensors")
-    ranks = launch("grpo", recipe, root / "kl_report", f"output_dir={root / 'kl_zero3'}", "trl.deepspeed=zero3",
-                   "trl.per_device_train_batch_size=4", *settings)
+    ranks = launch("grpo", recipe, root / "kl_report", "--output_dir", str(root / "kl_zero3"), "--deepspeed", "zero3",
+                   "--per_device_train_batch_size", "4", *settings)
     check_ranks(ranks, reference, start)
     assert any(e.get("kl", 0.0) > 0 for e in ranks[0]["log_history"])
 
@@ -183,9 +183,9 @@ def test_grpo_with_a_reference_model_under_zero3(grpo_reference):
 def test_dynamic_sampling_with_two_processes(grpo_reference):
     """Each process refills its own tied groups; both run the same rounds (TRL gathers across them) and stay equal."""
     root, recipe, _, start = grpo_reference
-    ranks = launch("grpo", recipe, root / "dynamic_report", f"output_dir={root / 'dynamic'}",
-                   "rewards=[{name: 'toy_rewards:rare_first_token'}]", "dynamic_sampling_rounds=2",
-                   "trl.max_steps=4", "trl.per_device_train_batch_size=8")  # 2 whole groups of 4 per process
+    ranks = launch("grpo", recipe, root / "dynamic_report", "--output_dir", str(root / "dynamic"),
+                   "--reward_funcs", "toy_rewards:rare_first_token", "--dynamic_sampling_rounds", "2",
+                   "--max_steps", "4", "--per_device_train_batch_size", "8")  # 2 whole groups of 4 per process
     for info in ranks:
         assert info["num_processes"] == 2 and info["torch_world_size"] == 2, info
     a, b = ranks[0]["params"], ranks[1]["params"]
@@ -203,8 +203,8 @@ def test_grpo_zero3_without_gathering_the_weights_for_generation(grpo_reference)
     stop at different steps (digits stop a completion); every process keeps making model calls until both are done
     (synced decoding), and the run equals one process."""
     root, recipe, reference, start = grpo_reference
-    ranks = launch("grpo", recipe, root / "nogather_report", f"output_dir={root / 'nogather'}", "trl.deepspeed=zero3",
-                   "trl.ds3_gather_for_generation=false", "trl.per_device_train_batch_size=4")
+    ranks = launch("grpo", recipe, root / "nogather_report", "--output_dir", str(root / "nogather"), "--deepspeed",
+                   "zero3", "--ds3_gather_for_generation", "false", "--per_device_train_batch_size", "4")
     check_ranks(ranks, reference, start)
 
 
@@ -247,10 +247,10 @@ def test_distillation_zero2_two_processes_match_one(tmp_path):
     }
     path = tmp_path / "distill.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    single("distill", path, f"out_dir={tmp_path / 'single'}")
+    single("distill", path, "--out_dir", str(tmp_path / "single"))
     reference = hf_params(tmp_path / "single" / "stage_1" / "final")
-    ranks = launch("distill", path, tmp_path / "report", f"out_dir={tmp_path / 'zero2'}", "training.deepspeed=zero2",
-                   "training.per_device_train_batch_size=4")  # 2 processes x 4 = the reference's global batch
+    ranks = launch("distill", path, tmp_path / "report", "--out_dir", str(tmp_path / "zero2"), "--training.deepspeed",
+                   "zero2", "--training.per_device_train_batch_size", "4")  # 2 processes x 4 = the global batch
     check_ranks(ranks, reference, start=hf_params(Path(toy["teacher"])))  # attention layers start as the teacher's
     saved = hf_params(tmp_path / "zero2" / "stage_1" / "final")
     for name, value in saved.items():

@@ -1,4 +1,4 @@
-"""One rank of a multi-process test run, started by torchrun: `worker.py {grpo,distill} CONFIG REPORT_DIR [k=v ...]`.
+"""One rank of a multi-process test run, started by torchrun: `worker.py {grpo,distill} CONFIG REPORT_DIR [--key v]`.
 
 Runs `h1rl grpo` / `h1rl distill` exactly as the command line does (the library entry points), then writes what the
 test compares into REPORT_DIR: `rank{R}.json` (world size and rank as the trainer saw them) and `rank{R}.pt` (the
@@ -56,21 +56,21 @@ class ReportAtEnd(TrainerCallback):
 
 
 def main(argv: list[str]) -> None:
-    mode, config_path, out, *overrides = argv
+    mode, config_path, out, *flags = argv
     out = Path(out)
     if mode == "grpo":
-        from h1rl.config_io import load_config
-        from h1rl.rl.config import GRPORunConfig
+        from h1rl.rl.config import parse_grpo_args
         from h1rl.rl.run import run_grpo
 
-        trainer = run_grpo(load_config(GRPORunConfig, config_path, overrides))
+        trainer = run_grpo(parse_grpo_args(["--config", config_path, *flags]))
         report(out, trainer.model, trainer.accelerator, trainer.state.log_history)
     elif mode == "distill":
         from h1rl.config_io import load_config
         from h1rl.distill.config import DistillConfig
         from h1rl.distill.run import run_distillation
+        from h1rl.flags import flag_overrides
 
-        run_distillation(load_config(DistillConfig, config_path, overrides), callbacks=[ReportAtEnd(out)])
+        run_distillation(load_config(DistillConfig, config_path, flag_overrides(flags)), callbacks=[ReportAtEnd(out)])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
