@@ -129,7 +129,8 @@ class GRPOScriptArguments:
 # h1rl's own fields of HybridGRPOConfig: what HybridGRPOTrainer reads from its `args` (keyword arguments of the same
 # names override them, for a TRL GRPOConfig passed as `args`)
 HYBRID_FIELDS = ("dynamic_sampling_rounds", "skip_zero_advantage_rows", "share_prompt_prefix", "length_chunks",
-                 "importance_sampling_correction", "rollout_max_rows", "rollout_memory_gb", "rollout_prefill_chunk")
+                 "importance_sampling_correction", "rollout_max_rows", "rollout_memory_gb", "rollout_prefill_chunk",
+                 "partial_rollout_budget", "partial_rollout_extra_groups", "overlap_scoring")
 
 
 @dataclass
@@ -185,6 +186,25 @@ class HybridGRPOConfig(GRPOConfig):
         default=2048,
         metadata={"help": "Prompt tokens per row per prefill forward of the rollout; default 2048. h1rl "
                           "(RolloutBudget.prefill_chunk)."},
+    )
+    partial_rollout_budget: int | None = field(
+        default=None,
+        metadata={"help": "Partial rollouts: decode steps per rollout round; prompt groups still running then are set "
+                          "aside and continued in a later step (from their tokens, re-prefilled by the policy of that "
+                          "step), the batch made of the groups that completed. Default none: off. Forces the "
+                          "importance-sampling correction on. h1rl (h1rl.rl.partial_rollouts; Kimi k1.5, APRIL)."},
+    )
+    partial_rollout_extra_groups: int | None = field(
+        default=None,
+        metadata={"help": "Partial rollouts: prompt groups kept in flight beyond the batch (set-aside groups, topped "
+                          "up with fresh prompts). Default none: a quarter of the batch's groups, at least 1. h1rl "
+                          "(h1rl.rl.partial_rollouts)."},
+    )
+    overlap_scoring: bool = field(
+        default=True,
+        metadata={"help": "Start checking rollout rows with rewards that can prefetch (accuracy's math-verify) as "
+                          "they finish, while the other rows still decode; the rewards are those of scoring after "
+                          "the rollout. Default true. h1rl (HybridGRPOTrainer)."},
     )
     bf16: bool | None = field(
         default=None,
@@ -253,13 +273,29 @@ def check_hybrid_settings(settings: dict[str, Any]) -> None:
                          f"{settings['rollout_memory_gb']}")
     if settings["rollout_prefill_chunk"] < 1:
         raise ValueError(f"rollout_prefill_chunk must be >= 1, got {settings['rollout_prefill_chunk']}")
+    budget, extra = settings["partial_rollout_budget"], settings["partial_rollout_extra_groups"]
+    if budget is not None and budget < 1:
+        raise ValueError(f"partial_rollout_budget must be >= 1 decode step, or unset (partial rollouts off); got "
+                         f"{budget}")
+    if extra is not None and extra < 1:
+        raise ValueError(f"partial_rollout_extra_groups must be >= 1 (or unset for a quarter of the batch); got "
+                         f"{extra}")
+    if budget is not None and settings["dynamic_sampling_rounds"]:
+        raise ValueError("partial_rollout_budget and dynamic_sampling_rounds do not combine: both change which prompt "
+                         "groups make the batch; set one of them")
+    if budget is not None and settings["importance_sampling_correction"] is False:
+        raise ValueError("partial_rollout_budget needs importance_sampling_correction: continued rows hold tokens of "
+                         "older policies; unset importance_sampling_correction (it is then on)")
 
 
-def check_whole_groups(dynamic_sampling_rounds: int, processes: int, local_rows: int, num_generations: int) -> None:
-    """Dynamic sampling refills groups per process, so with several processes each must hold whole groups."""
-    if dynamic_sampling_rounds and processes > 1 and local_rows % num_generations:
+def check_whole_groups(dynamic_sampling_rounds: int, processes: int, local_rows: int, num_generations: int,
+                       partial_rollouts: bool = False) -> None:
+    """Dynamic sampling refills groups per process, and partial rollouts make batches of whole groups per process: so
+    with several processes (always, with partial rollouts) each must hold whole groups."""
+    what = "partial rollouts" if partial_rollouts else "dynamic sampling"
+    if ((dynamic_sampling_rounds and processes > 1) or partial_rollouts) and local_rows % num_generations:
         raise ValueError(
-            f"dynamic sampling with {processes} processes needs whole groups on each process: "
+            f"{what} with {processes} processes needs whole groups on each process: "
             f"per_device_train_batch_size x steps_per_generation ({local_rows}) must be a multiple of "
             f"num_generations ({num_generations}); change per_device_train_batch_size or num_generations"
         )

@@ -56,12 +56,14 @@ from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 
 from h1rl.models.mamba import MambaMixer
 from h1rl.rewards import checked
 from h1rl.rl.dynamic_sampling import fresh_rows, refill_tied_groups, tied_groups
 from h1rl.rl.importance import IMPORTANCE_SAMPLING_MODES, importance_sampling_ratio, mismatch_metrics
+from h1rl.rl.partial_rollouts import PartialRollouts
 from h1rl.rl.row_skipping import rows_with_advantage, zero_advantage_rows_are_inert
 from h1rl.rl.training_pass import logps_by_length, sharing_prefix
 from h1rl.rollout import RolloutBudget, RolloutEngine, SamplingParams
@@ -84,7 +86,8 @@ TRL_STATE = (
     "_metrics", "_tokenizer", "eos_token_ids", "reward_weights", "num_generations", "num_generations_eval",
     "num_iterations", "use_vllm", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
     "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "loss_type", "beta",
-    "top_entropy_quantile", "_entropy_bonus_enabled", "aux_loss_enabled", "model_wrapped",
+    "top_entropy_quantile", "_entropy_bonus_enabled", "aux_loss_enabled", "model_wrapped", "_tokenize_prompts",
+    "reward_funcs", "processing_class",
 )
 
 
@@ -125,9 +128,18 @@ class HybridGRPOTrainer(GRPOTrainer):
         funcs = [checked(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         super().__init__(model, funcs if isinstance(reward_funcs, list) else funcs[0], *args, **kwargs)
         settings = hybrid_settings(self.args, overrides)
-        check_whole_groups(settings["dynamic_sampling_rounds"], self.accelerator.num_processes,
-                           self.args.per_device_train_batch_size * self.args.steps_per_generation,
-                           self.num_generations)
+        local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        partial = settings["partial_rollout_budget"] is not None
+        check_whole_groups(settings["dynamic_sampling_rounds"], self.accelerator.num_processes, local_rows,
+                           self.num_generations, partial_rollouts=partial)
+        self.partial_rollouts = None  # h1rl.rl.partial_rollouts, when partial_rollout_budget is set
+        if partial:
+            extra = settings["partial_rollout_extra_groups"] or max(1, -(-local_rows // self.num_generations // 4))
+            self.partial_rollouts = PartialRollouts(settings["partial_rollout_budget"], extra, self.num_generations)
+            self.add_callback(self.partial_rollouts.callback(self.accelerator.process_index))
+        self.overlap_scoring = settings["overlap_scoring"]
+        self._scoring_rows: list[dict] | None = None  # the dataset rows of the rollout being generated
+        self._served_rollout: tuple[list[list[int]], list[list[int]], list[list[float]]] | None = None
         self.dynamic_sampling_rounds = settings["dynamic_sampling_rounds"]
         self.skip_zero_advantage_rows = settings["skip_zero_advantage_rows"] and zero_advantage_rows_are_inert(
             self.loss_type, self.beta, self.top_entropy_quantile, self._entropy_bonus_enabled, self.aux_loss_enabled)
@@ -150,8 +162,8 @@ class HybridGRPOTrainer(GRPOTrainer):
         for module in base.modules():  # a model built before DeepSpeed was imported registers them now
             if isinstance(module, MambaMixer):
                 module.register_external_parameters()
-        self.importance_sampling_correction = self._resolve_importance_sampling(
-            settings["importance_sampling_correction"])
+        requested = settings["importance_sampling_correction"]
+        self.importance_sampling_correction = self._resolve_importance_sampling(True if partial else requested)
 
     def _resolve_importance_sampling(self, requested: bool | None) -> bool:
         """Whether the sampler/trainer mismatch correction runs (see the module docstring), checked against TRL's
@@ -204,9 +216,27 @@ class HybridGRPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields or has_tool_images:
             raise NotImplementedError("HybridGRPOTrainer handles text-only prompts")
-        mode = "train" if self.model.training else "eval"
+        if self._served_rollout is not None:  # partial rollouts generated this batch already
+            prompts, completion_ids, logprobs = self._served_rollout
+            if [list(p) for p in prompt_ids] != prompts:
+                raise RuntimeError("partial rollouts: TRL tokenized the batch's prompts differently from the rollout")
+            return completion_ids, logprobs
         unique, counts = group_consecutive(prompt_ids)
-        params = self._sampling_params(len(prompt_ids))
+        rollout = self._engine_rollout(unique, counts, rows=self._scoring_rows)
+        completion_ids = rollout.completions()
+        logprobs = [row[:n].tolist() for row, n in zip(rollout.logprobs, rollout.lengths.tolist())]
+        self._served_logps = rollout.logprobs
+        return completion_ids, logprobs
+
+    def _engine_rollout(self, prompts, counts, resumed=None, decode_budget=None, rows=None):
+        """One engine call (gathered weights under ZeRO-3, as TRL gathers them for `generate`), its metrics logged.
+        `rows`: each output row's dataset row, for the rewards that check finished rows while others decode."""
+        mode = "train" if self.model.training else "eval"
+        fresh = sum(counts)
+        if self.partial_rollouts is not None and self.accelerator.num_processes > 1:  # fresh rows differ by process
+            fresh = int(self.accelerator.gather(torch.tensor([fresh], device=self.accelerator.device)).max())
+        params = self._sampling_params(max(fresh, 1))
+        on_finished = self._prefetcher(rows) if rows is not None else None
         start = time.perf_counter()
         with (
             unwrap_model_for_generation(
@@ -219,18 +249,42 @@ class HybridGRPOTrainer(GRPOTrainer):
         ):
             engine = RolloutEngine(find_hybrid(unwrapped_model), pad_token_id=self._tokenizer.pad_token_id,
                                    budget=self.rollout_budget)
-            rollout = engine.generate(unique, counts, params)
+            rollout = engine.generate(prompts, counts, params, resumed=resumed, decode_budget=decode_budget,
+                                      on_finished=on_finished)
         elapsed = time.perf_counter() - start
-        completion_ids = rollout.completions()
-        logprobs = [row[:n].tolist() for row, n in zip(rollout.logprobs, rollout.lengths.tolist())]
-        self._served_logps = rollout.logprobs
-        self._metrics[mode]["rollout/tokens_per_s"].append(float(rollout.lengths.sum()) / max(elapsed, 1e-9))
+        self._metrics[mode]["rollout/tokens_per_s"].append(rollout.stats["generated_tokens"] / max(elapsed, 1e-9))
         self._metrics[mode]["rollout/seconds"].append(elapsed)
-        self._metrics[mode]["rollout/rows_at_once"].append(rollout.stats["rows_at_once"])
-        return completion_ids, logprobs
+        self._metrics[mode]["rollout/rows_at_once"].append(rollout.stats.get("rows_at_once", 0.0))
+        return rollout
+
+    def _prefetcher(self, rows: list[dict]):
+        """The engine's `on_finished` callback that hands finished rows to the rewards that can prefetch (e.g. the
+        accuracy reward's math-verify checks), while the other rows still decode; None when none can or
+        `overlap_scoring` is off. The rewards themselves are computed later by TRL, unchanged."""
+        funcs = [getattr(getattr(f, "func", f), "prefetch", None) for f in self.reward_funcs]
+        funcs = [f for f in funcs if callable(f)]
+        if not self.overlap_scoring or not funcs or not rows:
+            return None
+        conversational = is_conversational({"prompt": rows[0]["prompt"]})
+        keys = [k for k in rows[0] if k not in ("prompt", "completion", "completion_ids")]
+
+        def on_finished(finished: list[int], completion_ids: list[list[int]]) -> None:
+            texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+            columns = {k: [rows[r][k] for r in finished] for k in keys}
+            for prefetch in funcs:
+                prefetch(prompts=[rows[r]["prompt"] for r in finished], completions=completions,
+                         completion_ids=completion_ids, **columns)
+
+        return on_finished
 
     def _generate_and_score_completions(self, inputs):
-        output = self._score_one_round(inputs)
+        if self.partial_rollouts is not None and self.model.training:
+            inputs = self._partial_rollout_step(inputs)
+        try:
+            output = self._score_one_round(inputs)
+        finally:
+            self._served_rollout = None
         if self.dynamic_sampling_rounds and self.model.training:
             # fresh prompts seeded by run seed, step and process: each process refills its own groups
             seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.accelerator.process_index
@@ -273,8 +327,30 @@ class HybridGRPOTrainer(GRPOTrainer):
         output["importance_sampling_ratio"] = ratio
         return output
 
+    def _partial_rollout_step(self, inputs: list[dict]) -> list[dict]:
+        """The rounds of partial rollouts (`h1rl.rl.partial_rollouts`): the batch's dataset rows, its completions
+        kept for TRL's generation call (`_generate_single_turn` serves them)."""
+        step, device = self.state.global_step, self.accelerator.device
+        seed = (self.args.seed * 1_000_003 + step) * 1_009 + self.accelerator.process_index
+        any_process = (lambda flag: bool(self.accelerator.gather(torch.tensor([flag], device=device)).any())
+                       ) if self.accelerator.num_processes > 1 else (lambda flag: flag)
+
+        def tokenize(prompts: list) -> list[list[int]]:
+            return [list(ids) for ids in self._tokenize_prompts(prompts)[0]]
+
+        def generate(prompts, counts, resumed, budget, rows):
+            return self._engine_rollout(prompts, counts, resumed, budget, rows=rows)
+
+        rows, completions, logprobs, metrics = self.partial_rollouts.step(
+            inputs, tokenize, generate, fresh_rows(self.train_dataset, seed), any_process, step)
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        self._served_rollout = (tokenize([r["prompt"] for r in rows]), completions, logprobs)
+        return rows
+
     def _score_one_round(self, inputs):
         self._served_logps = None
+        self._scoring_rows = inputs
         # TRL asks for the old policy's log-probs only when generation and optimizer steps are misaligned (its
         # condition in _generate_and_score_completions; vLLM is refused here), and then before anything else. The
         # next policy call of the round, under PEFT with beta > 0, is the reference model (adapter disabled): that
