@@ -232,3 +232,35 @@ def test_rollout_budget_reaches_the_engine_and_changes_nothing_but_memory(tmp_pa
         trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name, value in trained[0].items():
         torch.testing.assert_close(trained[1][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_overlapped_scoring_changes_nothing_but_when_checks_run(tmp_path, monkeypatch):
+    """overlap_scoring hands rows to the accuracy reward's prefetch as they finish; the run trains to the same
+    parameters with the same rewards as scoring after the rollout (overlap_scoring off)."""
+    from h1rl.rewards import accuracy_reward
+    from h1rl.rewards.accuracy import AccuracyReward
+
+    calls = []
+    prefetch = AccuracyReward.prefetch
+    monkeypatch.setattr(AccuracyReward, "prefetch", lambda self, **kw: calls.append(len(kw["completions"])) or
+                        prefetch(self, **kw))
+    tokenizer = tiny_tokenizer()
+    dataset = Dataset.from_dict({"prompt": [f"what is {i} + {i}" for i in range(8)],
+                                 "answer": [str(2 * i) for i in range(8)]})
+    results = {}
+    for overlap in (False, True):
+        calls.clear()
+        torch.manual_seed(0)
+        model = tiny_model(["t", "m2", "m2"], vocab_size=len(tokenizer)).train()
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["}"])]
+        with accuracy_reward(num_workers=1) as reward:
+            trainer = HybridGRPOTrainer(model=model, reward_funcs=[reward, distinct_words],
+                                        args=grpo_args(tmp_path / str(overlap), optim="sgd"),
+                                        train_dataset=dataset, processing_class=tokenizer, overlap_scoring=overlap)
+            trainer.train()
+        assert bool(calls) == overlap and (not overlap or sum(calls) == 2 * 4)  # every row, once, as it finished
+        rewards = [e["rewards/accuracy_reward/mean"] for e in trainer.state.log_history if "reward" in e]
+        results[overlap] = (rewards, {n: p.detach().clone() for n, p in model.named_parameters()})
+    assert results[True][0] == results[False][0]
+    for name, value in results[False][1].items():
+        assert torch.equal(results[True][1][name], value), name
