@@ -31,7 +31,7 @@ def _convert(args: argparse.Namespace) -> int:
     from h1rl.log import setup_logging
     from h1rl.models.convert import convert_to_directory
 
-    setup_logging("info")
+    setup_logging()
     ssm_cfg = json.loads(args.ssm_cfg) if args.ssm_cfg else None
     out = convert_to_directory(args.teacher, args.layout, args.out, ssm_cfg=ssm_cfg, dtype=args.dtype)
     print(f"hybrid checkpoint written to {out}")

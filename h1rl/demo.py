@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="demo recipe: a bundled name or a YAML file (default: demo)")
     parser.add_argument("--quick", action="store_true", help="a much smaller run (the demo_quick recipe)")
-    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="what h1rl logs (default info)")
+    parser.add_argument("--log_level", default="passive", choices=LOG_LEVELS,
+                        help="passive (default): h1rl's progress at info, transformers as it is; other levels set both")
     args, rest = parser.parse_known_args(argv)
     setup_logging(args.log_level)
     try:

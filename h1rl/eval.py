@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--traces", default=None,
                         help="also write the correct completions as chat rows for `h1rl distill` (a .jsonl file)")
     parser.add_argument("--traces-all", action="store_true", help="with --traces: keep wrong completions too")
-    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="what h1rl logs (default info)")
+    parser.add_argument("--log_level", default="passive", choices=LOG_LEVELS,
+                        help="passive (default): h1rl's progress at info, transformers as it is; other levels set both")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.traces_all and not args.traces:

@@ -1,7 +1,7 @@
 """The figure of docs/distillation.md: KL to the teacher per stage, MIL initialisation only vs after distillation.
 
 Builds the toy world (`h1rl.distill.toy`: a 4-layer Mistral teacher trained on synthetic chat traces), runs the
-recipe (default recipes/distill_tiny.yaml) on it, then for each stage's layout measures, on the calibration data:
+recipe (default: the bundled distill_tiny) on it, then for each stage's layout measures, on the calibration data:
 
 - "MIL init only": the teacher converted straight to that layout (Mamba-in-Llama, no distillation at all);
 - "after swap": the layout reached from the previous stage's distilled student, right after the swap;
@@ -117,11 +117,17 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m h1rl.distill.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/distill_report")
-    parser.add_argument("--recipe", default="recipes/distill_tiny.yaml")
+    parser.add_argument("--recipe", default="distill_tiny", help="a bundled recipe's name or a YAML file")
     parser.add_argument("--teacher-steps", type=int, default=400)
     args = parser.parse_args(argv)
-    if not Path(args.recipe).is_file():
-        parser.error(f"recipe {args.recipe} not found: run from the repository root or pass --recipe")
+    from h1rl.log import setup_logging
+    from h1rl.recipes import find
+
+    setup_logging()
+    try:
+        args.recipe = find(args.recipe, kind="distill")
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     torch.set_num_threads(1)  # tiny models: one thread is fastest and steadiest
     report = kl_report(args.out, args.recipe, args.teacher_steps)
     print(format_report(report))

@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         "of any key below (nested keys with dots, list items by index: --stages.0.max_steps 10)",
         epilog=keys_epilog(DistillConfig), allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe: a bundled name (h1rl recipes) or a YAML file")
-    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="what h1rl logs (default info)")
+    parser.add_argument("--log_level", default="passive", choices=LOG_LEVELS,
+                        help="passive (default): h1rl's progress at info, transformers as it is; other levels set both")
     args, rest = parser.parse_known_args(argv)
     setup_logging(args.log_level)
     try:
