@@ -57,7 +57,7 @@ class TaskSpec:
 class DemoConfig:
     out_dir: str
     distill: DistillConfig
-    grpo: dict[str, Any]  # the keys of an `h1rl grpo` recipe (flat, `h1rl grpo --help` lists them)
+    grpo: dict[str, Any]  # the keys of an `h1rl grpo` recipe: --grpo.KEY value sets one (`h1rl grpo --help` lists them)
     task: TaskSpec = field(default_factory=TaskSpec)
     eval: EvalConfig = field(default_factory=EvalConfig)  # greedy: one answer per problem
     # pass@1 from n samples per problem at a temperature (RL papers' usual figure; a smoother estimate than one
