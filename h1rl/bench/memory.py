@@ -520,14 +520,14 @@ def measure_rollout(model, seq_len: int, prompt_len: int, generations: int, rows
     with torch.no_grad(), LiveBytes() as live:
         with live.stage("decode cache"):
             decoder = StaticDecoder(model, slots, S)
-        with live.stage("bookkeeping"):  # as RolloutEngine._rollout allocates it
+        with live.stage("bookkeeping"):  # as h1rl.rollout.phase.Phase allocates it
             completion = torch.zeros(rows, max_new, dtype=torch.long)
             logprobs = torch.zeros(rows, max_new)
             uniform_table = torch.empty(max_new, rows)
             per_slot = [torch.zeros(slots, dtype=torch.long) for _ in range(4)]
         with live.stage("prefill"):
             prompts = [[1] * Tp for _ in range(prompts_at_once)]
-            prefill_cache, first_logits, _ = engine._drive(engine._prefill(prompts, params))
+            prefill_cache, first_logits, _ = engine._drive(engine._prefill(prompts))
         with live.stage("slot copy"):
             mine = min(generations, slots)
             decoder.cache.copy_rows_(torch.arange(mine), prefill_cache, torch.zeros(mine, dtype=torch.long), Tp)
