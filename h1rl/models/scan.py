@@ -381,11 +381,11 @@ def selective_state_update(state, x, dt, A, B, C):
     if _mamba_state_update is not None and state.is_cuda:
         return _mamba_state_update(state, x, dt, A, B, C)
     cd = state.dtype
-    dts, xs = dt.to(cd), x.to(cd)
-    state.mul_(torch.exp(dts[..., None] * A.to(cd)))  # (B, H, P, N)
-    state.addcmul_((dts * xs)[..., None], B.to(cd)[:, :, None, :])
-    y = torch.einsum("bhpn,bhn->bhp", state, C.to(cd))  # (B, H, P)
-    return y.to(x.dtype)
+    dts, xs, As, Bs, Cs = (t if t.dtype == cd else t.to(cd) for t in (dt, x, A, B, C))  # few ops: this runs per token
+    state.mul_((dts[..., None] * As).exp_())  # (B, H, P, N)
+    state.addcmul_((dts * xs)[..., None], Bs[:, :, None, :])
+    y = torch.matmul(state, Cs[..., None])[..., 0]  # (B, H, P)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

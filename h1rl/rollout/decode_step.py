@@ -45,7 +45,7 @@ import time
 import torch
 
 from h1rl.models.batch import decode_columns
-from h1rl.models.cache import MambaState
+from h1rl.models.cache import HybridCache, MambaState
 from h1rl.models.modeling import HybridForCausalLM
 
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture (cuBLAS handles, Triton JIT, allocator)
@@ -115,6 +115,7 @@ class StaticDecoder:
         self.key_buckets = batch_buckets(max_len, start=min(MIN_KEY_BUCKET, max_len))
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (rows, keys) bucket -> graph
         self._logits: torch.Tensor | None = None  # (B, V): what every graph writes
+        self._views: dict[int, HybridCache] = {}  # rows -> the cache's first rows (views: made once per size)
         self._pool = None
         self.capture_s = 0.0  # seconds spent warming up and capturing graphs so far
 
@@ -152,8 +153,10 @@ class StaticDecoder:
         what a graph records."""
         decode = decode_columns(self.columns[:n], num_keys, self.model.config.sliding_window,
                                 self.key_valid[:n, :num_keys])
+        if n not in self._views:
+            self._views[n] = self.cache.narrow(n)
         hidden = self.base(
-            input_ids=self.tokens[:n, None], position_ids=self.positions[:n, None], cache=self.cache.narrow(n),
+            input_ids=self.tokens[:n, None], position_ids=self.positions[:n, None], cache=self._views[n],
             use_cache=True, decode=decode,
         ).last_hidden_state  # (n, 1, D)
         return self.model.lm_head(hidden[:, 0])  # (n, V)
