@@ -74,7 +74,6 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, Di, bias=cfg.dt_proj_bias)
         self.conv1d = nn.Conv1d(Di, Di, kernel_size=self.d_conv, groups=Di, padding=self.d_conv - 1, bias=cfg.conv_bias)
         self.A_log = nn.Parameter(torch.empty(Di, self.d_state))
-        self._A_cache: tuple | None = None  # see _A
         self.D = nn.Parameter(torch.empty(Di))
         self.out_proj = nn.Linear(Di, D, bias=cfg.bias)
         # Built inside DeepSpeed's zero.Init (ZeRO-3 from_pretrained), the submodules' parameters are already
@@ -138,15 +137,7 @@ class MambaMixer(nn.Module):
         return F.softplus(dt)
 
     def _A(self) -> torch.Tensor:
-        """-exp(A_log) as (H, P, N) float32. Without autograd (decoding) it is kept until A_log changes (an optimizer
-        step, a load, or a ZeRO-3 gather bump its version or move its data), since decode steps run per token."""
-        if torch.is_grad_enabled():
-            return -torch.exp(self.A_log.float()).view(self.num_heads, self.d_state, self.d_state)
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
-        if self._A_cache is None or self._A_cache[0] != key:
-            A = -torch.exp(self.A_log.float()).view(self.num_heads, self.d_state, self.d_state)  # (H, P, N)
-            self._A_cache = (key, A)
-        return self._A_cache[1]
+        return -torch.exp(self.A_log.float()).view(self.num_heads, self.d_state, self.d_state)  # (H, P, N)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, x, z: (..., Di) -> (..., D): skip connection, SiLU gate, output projection."""
