@@ -309,11 +309,78 @@ def _plot_against_teacher(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# scoring overlapped with decoding (`h1rl bench grpo --overlap-scoring`)
+
+
+def math_tokenizer(vocab: int):
+    """`word_tokenizer` whose words include digits, `\\boxed{` and `}`, so that random completions carry boxed
+    answers for math-verify to check."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "\\boxed{", "}"] + [str(d) for d in range(10)]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def run_overlap_benchmark(new_tokens: int = 256, prompts: int = 4, generations: int = 8, steps: int = 3,
+                          hidden: int = 256, layers: int = 8, vocab: int = 512, rounds: int = 2) -> dict:
+    """GRPO steps scored by math-verify (`accuracy_reward`), with `overlap_scoring` off and on, alternating in one
+    run: the same completions and rewards (seeded), the checks run after the rollout or while it decodes. `}` ends a
+    completion, so rows finish at different steps with `\\boxed{...}` answers (about 1 in 30 tokens is a digit)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from h1rl.rewards import accuracy_reward
+    from h1rl.rl import HybridGRPOConfig, HybridGRPOTrainer
+
+    tokenizer = math_tokenizer(vocab)
+    rows = {"prompt": [" ".join(f"w{(7 * i + j) % 400}" for j in range(32)) for i in range(64)],
+            "answer": [str(i % 10) for i in range(64)]}
+    dataset = Dataset.from_dict(rows)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    rewards: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for overlap in (False, True):
+            _, hybrid = build_pair(hidden, layers, vocab, seed=0)
+            hybrid.train()
+            hybrid.config.eos_token_id = tokenizer.eos_token_id  # as the tokenizer says, or transformers resets it
+            hybrid.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("}")]
+            with tempfile.TemporaryDirectory() as out, accuracy_reward() as reward:
+                args = HybridGRPOConfig(
+                    output_dir=out, per_device_train_batch_size=prompts * generations, num_generations=generations,
+                    max_completion_length=new_tokens, max_steps=steps + 1, learning_rate=1e-5, logging_steps=1,
+                    report_to=[], save_strategy="no", seed=0, beta=0.0, disable_tqdm=True, overlap_scoring=overlap,
+                    gradient_checkpointing=False,
+                )
+                trainer = HybridGRPOTrainer(model=hybrid, reward_funcs=reward, args=args, train_dataset=dataset,
+                                            processing_class=tokenizer)
+                trainer.remove_callback(PrinterCallback)
+                trainer.train()
+            logs = [e for e in trainer.state.log_history if "step_time" in e][1:]  # drop the warm-up step
+            times[overlap] += [e["step_time"] for e in logs]
+            rewards[overlap] = [e["reward"] for e in logs]
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"GRPO step with math-verify scoring, hidden {hidden}, {layers} layers (half m2), {prompts} prompts x "
+          f"G={generations}, up to {new_tokens} tokens, torch threads {torch.get_num_threads()} (median of "
+          f"{len(times[False])} steps each, alternating):")
+    print(f"  scoring after the rollout  {off:7.2f} s")
+    print(f"  scoring while it decodes   {on:7.2f} s   saved {off - on:+.2f} s ({(off - on) / off:+.1%}); rewards "
+          f"identical: {rewards[False] == rewards[True]}")
+    return {"off_s": off, "on_s": on, "saved_s": off - on, "same_rewards": rewards[False] == rewards[True],
+            "settings": dict(new_tokens=new_tokens, prompts=prompts, generations=generations, steps=steps,
+                             hidden=hidden, layers=layers, vocab=vocab, rounds=rounds)}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m h1rl.bench.grpo_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--against-teacher", action="store_true", help="the hybrid vs its teacher (see the docstring)")
+    p.add_argument("--overlap-scoring", action="store_true", help="math-verify scoring after vs during the rollout")
     p.add_argument("--caps", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--steps", type=int, default=1, help="timed steps per run (median), after a warm-up step")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -323,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     args = p.parse_args(argv)
+    if args.overlap_scoring:
+        run_overlap_benchmark(steps=args.steps + 1)
+        return 0
     if not args.against_teacher:
         run_grpo_benchmark(device=args.device, gradient_checkpointing=not args.no_gradient_checkpointing)
         return 0
