@@ -14,7 +14,7 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     results = json.loads(out.read_text())
     assert results["mode"] == "cpu-smoke" and results["failed_sections"] == []
     sections = ["a_kernels", "b_scan", "b_mixer", "c_engine_modes", "d_logprobs", "e_timing", "f_grpo_step",
-                "g_fused_attention", "h_synced_decode"]
+                "g_fused_attention", "h_synced_decode", "i_against_teacher"]
     assert all(key in results and "error" not in results[key] for key in sections)
     assert results["g_fused_attention"]["all_fused"] and len(results["g_fused_attention"]["rows"]) == 5
     assert results["h_synced_decode"]["ok"]
@@ -24,3 +24,9 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
                "h1rl, length_chunks 1"}
     assert set(grpo["step_s"]) == {"trl.GRPOTrainer (generate)"} | hybrids
     assert set(grpo["speedups"]) == set(grpo["hybrid"]) == hybrids
+    against = results["i_against_teacher"]
+    assert {(r["cap"], r["model"], r["trainer"]) for r in against["rows"]} == {
+        (16, "teacher", "trl.GRPOTrainer"), (16, "hybrid", "HybridGRPOTrainer"), (16, "hybrid", "trl.GRPOTrainer"),
+        (32, "teacher", "trl.GRPOTrainer"), (32, "hybrid", "HybridGRPOTrainer")}
+    assert all(r["step_s"] > 0 and r["rollout_s"] > 0 for r in against["rows"])
+    assert set(against["partial_rollouts"]["runs"]) == {"off", "on"}

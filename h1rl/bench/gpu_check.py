@@ -26,7 +26,12 @@ g. fused attention kernels: every attention path of a training and rollout step 
    (`h1rl.bench.attention_calls`), which is all the CPU smoke can do;
 h. synced decoding: 2 processes on the one device (gloo for the engine's one flag per call), rank 0's rows stopping
    at their first token and rank 1's running to the cap, under a tight budget and a chunked prefill: both finish and
-   each equals its own unsynced rollout (ZeRO-3 itself is in tests/zero, on CPU).
+   each equals its own unsynced rollout (ZeRO-3 itself is in tests/zero, on CPU);
+i. the RL-level comparison (`h1rl bench grpo --against-teacher` on the GPU): one GRPO step of the hybrid under
+   `HybridGRPOTrainer` and of its teacher under stock `trl.GRPOTrainer` (hidden 512, 8 layers, 8/2 heads, vocab 32k,
+   4 prompts x G=8, prompts of 128 tokens) at completion caps `--grpo-caps` with RL's spread of lengths, stock TRL
+   on the hybrid at the smallest cap, then the hybrid at the largest cap with partial rollouts off and on
+   (budget cap / 4). Runs last: the longest section.
 
 Each section runs on its own: an error is printed with its traceback, recorded in the JSON, and the next section
 runs. Without mamba-ssm / causal-conv1d the torch paths still run on the GPU, and the output says so.
@@ -562,6 +567,19 @@ def check_grpo_step(device: torch.device, args: argparse.Namespace) -> dict:
                               variants=variants)
 
 
+def check_against_teacher(device: torch.device, args: argparse.Namespace) -> dict:
+    from h1rl.bench.grpo_bench import run_against_teacher, run_partial_rollouts_benchmark
+
+    print(f"\ni. GRPO step: the hybrid (HybridGRPOTrainer) vs its teacher (trl.GRPOTrainer) on {device.type}")
+    shape = (dict(hidden=64, layers=4, heads=4, kv_heads=2, vocab=97, prompt_len=5, prompts=2, generations=2)
+             if args.cpu_smoke else {})
+    out = str(Path(args.json).with_suffix("")) + "_grpo"
+    result = run_against_teacher(caps=tuple(args.grpo_caps), device=device.type, out_dir=out, warmup_cap=8, **shape)
+    result["partial_rollouts"] = run_partial_rollouts_benchmark(cap=max(args.grpo_caps), steps=3, device=device.type,
+                                                                out_dir=out, **shape)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m h1rl.bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="gpu_check.json", help="where to write all figures")
@@ -576,8 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=512, help="e1: generated tokens")
     p.add_argument("--teacher-compile", action="store_true", help="let generate torch.compile the teacher")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip e2 rows that start after this many seconds")
-    p.add_argument("--skip", nargs="*", default=[], choices=list("abcdefgh"), help="sections to skip")
+    p.add_argument("--skip", nargs="*", default=[], choices=list("abcdefghi"), help="sections to skip")
     p.add_argument("--grpo-new-tokens", type=int, default=256, help="f: max completion length of the GRPO step")
+    p.add_argument("--grpo-caps", type=int, nargs="+", default=[1024, 2048, 4096], help="i: completion caps")
     return p
 
 
@@ -587,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         args.hidden, args.layers, args.vocab, args.batch, args.generations = 64, 4, 97, 2, 2
         args.prompt_len, args.new_tokens, args.lengths, args.grpo_new_tokens = 5, 8, [8, 16], 8
+        args.grpo_caps = [16, 32]
     elif not torch.cuda.is_available():
         print("no CUDA device: run with --cpu-smoke to exercise the code paths on CPU")
         return 2
@@ -604,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "f_grpo_step": ("f", lambda: check_grpo_step(device, args)),
         "g_fused_attention": ("g", lambda: check_fused_attention(device, args.cpu_smoke)),
         "h_synced_decode": ("h", lambda: check_synced_decode(device, args.cpu_smoke)),
+        "i_against_teacher": ("i", lambda: check_against_teacher(device, args)),
     }
     failed = []
     for key, (letter, fn) in sections.items():

@@ -120,17 +120,31 @@ def run_grpo_benchmark(new_tokens: int = 256, generations: int = 8, prompts: int
 
 
 def _timed(trainer_cls):
-    """`trainer_cls` timing its generation calls (`_generate_single_turn`, the rollout of either trainer)."""
+    """`trainer_cls` timing the rollout of each training step: its generation calls (`_generate_single_turn`, either
+    trainer's rollout) and, with partial rollouts, the rounds of `_partial_rollout_step`, summed per step."""
 
     class Timed(trainer_cls):
         rollout_seconds: list[float]
 
-        def _generate_single_turn(self, *args, **kwargs):
+        def training_step(self, *args, **kwargs):
+            self._rollout_clock = 0.0
+            try:
+                return super().training_step(*args, **kwargs)
+            finally:
+                self.rollout_seconds.append(self._rollout_clock)
+
+        def _clocked(self, method: str, *args, **kwargs):
             start = time.perf_counter()
             try:
-                return super()._generate_single_turn(*args, **kwargs)
+                return getattr(super(), method)(*args, **kwargs)
             finally:
-                self.rollout_seconds.append(time.perf_counter() - start)
+                self._rollout_clock += time.perf_counter() - start
+
+        def _generate_single_turn(self, *args, **kwargs):
+            return self._clocked("_generate_single_turn", *args, **kwargs)
+
+        def _partial_rollout_step(self, *args, **kwargs):
+            return self._clocked("_partial_rollout_step", *args, **kwargs)
 
     Timed.__name__ = trainer_cls.__name__
     return Timed
@@ -172,6 +186,39 @@ class _StepMemory:
         self.callback = Callback()
 
 
+def _timed_steps(trainer_cls, model, tokenizer, dataset, cap: int, steps: int, prompts: int, generations: int,
+                 device: str, gradient_checkpointing: bool, warmup_cap: int = 0, **h1rl_options):
+    """`steps` GRPO steps of `model` at completion cap `cap` (after one warm-up step at `warmup_cap` by a trainer of
+    its own, when > 0): their log entries, rollout seconds and peak resident memory (GiB). `h1rl_options` are
+    `HybridGRPOConfig` fields (then `trainer_cls` must be `HybridGRPOTrainer`)."""
+    from transformers import PrinterCallback
+    from trl import GRPOConfig
+
+    from h1rl.rl import HybridGRPOConfig
+
+    memory = _StepMemory()
+    logs, rollout_s = [], []
+    phases = (("warm-up", warmup_cap, 1),) if warmup_cap else ()
+    with tempfile.TemporaryDirectory() as tmp:
+        for phase, max_len, max_steps in (*phases, ("timed", cap, steps)):
+            args = (HybridGRPOConfig if h1rl_options else GRPOConfig)(
+                output_dir=tmp, use_cpu=device == "cpu", bf16=False,
+                per_device_train_batch_size=prompts * generations, num_generations=generations,
+                max_completion_length=max_len, max_steps=max_steps, learning_rate=1e-6, logging_steps=1,
+                report_to=[], save_strategy="no", seed=0, beta=0.0, disable_tqdm=True,
+                gradient_checkpointing=gradient_checkpointing, **h1rl_options,
+            )
+            trainer = _timed(trainer_cls)(model=model, reward_funcs=distinct_words, args=args,
+                                          train_dataset=dataset, processing_class=tokenizer,
+                                          callbacks=[memory.callback] if phase == "timed" else None)
+            trainer.rollout_seconds = []
+            trainer.remove_callback(PrinterCallback)  # the tables say what matters
+            trainer.train()
+            logs = [e for e in trainer.state.log_history if "step_time" in e]
+            rollout_s = trainer.rollout_seconds
+    return logs, rollout_s, memory.peaks
+
+
 def teacher_and_hybrid(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, seed: int = 0):
     """A random Mistral teacher and its hybrid (every other layer m2), with LM heads scaled to near-uniform
     next-token distributions (logits ~1e-3), so that a stop set of k tokens ends a completion with probability
@@ -202,8 +249,7 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
     """One GRPO step of the hybrid (HybridGRPOTrainer) and of its teacher (trl.GRPOTrainer) per cap, side by side;
     stock TRL on the hybrid at the smallest cap. See the module docstring."""
     from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from h1rl.rl import HybridGRPOTrainer
 
@@ -229,26 +275,8 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
             teacher, hybrid = teacher_and_hybrid(hidden, layers, heads, kv_heads, vocab)
             model = (teacher if model_name == "teacher" else hybrid).to(device)
             model.generation_config.eos_token_id = stops
-            memory = _StepMemory()
-            with tempfile.TemporaryDirectory() as tmp:
-                logs, rollout_s = [], []
-                for phase, max_len, max_steps in (("warm-up", warmup_cap, 1), ("timed", cap, steps)):
-                    args = GRPOConfig(
-                        output_dir=tmp, use_cpu=device == "cpu", bf16=False,
-                        per_device_train_batch_size=prompts * generations, num_generations=generations,
-                        max_completion_length=max_len, max_steps=max_steps, learning_rate=1e-6, logging_steps=1,
-                        report_to=[], save_strategy="no", seed=0, beta=0.0, disable_tqdm=True,
-                        gradient_checkpointing=gradient_checkpointing,
-                    )
-                    trainer = _timed(trainer_cls)(model=model, reward_funcs=distinct_words, args=args,
-                                                  train_dataset=dataset, processing_class=tokenizer,
-                                                  callbacks=[memory.callback] if phase == "timed" else None)
-                    trainer.rollout_seconds = []
-                    trainer.remove_callback(PrinterCallback)  # the table below says what matters
-                    trainer.train()
-                    if phase == "timed":
-                        logs = [e for e in trainer.state.log_history if "step_time" in e]
-                        rollout_s = trainer.rollout_seconds
+            logs, rollout_s, peaks = _timed_steps(trainer_cls, model, tokenizer, dataset, cap, steps, prompts,
+                                                  generations, device, gradient_checkpointing, warmup_cap)
             step = statistics.median(e["step_time"] for e in logs)
             rollout = statistics.median(rollout_s)
             mean_len = statistics.median(e["completions/mean_length"] for e in logs)
@@ -256,7 +284,7 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
                    "rest_s": step - rollout, "mean_completion": mean_len,
                    "max_completion": statistics.median(e["completions/max_length"] for e in logs),
                    "tokens_per_s": mean_len * prompts * generations / step,
-                   "peak_rss_gib": max(memory.peaks) if memory.peaks else float("nan")}
+                   "peak_rss_gib": max(peaks) if peaks else float("nan")}
             rows.append(row)
             print(f"  cap {cap:5d}  {model_name:7s} {trainer_name:18s} step {step:8.1f} s  rollout {rollout:8.1f} s  "
                   f"rest {step - rollout:7.1f} s  mean/max completion {mean_len:6.0f}/{row['max_completion']:5.0f}  "
@@ -276,6 +304,63 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
     (out / "grpo_vs_teacher.json").write_text(json.dumps(result, indent=2))
     _plot_against_teacher(rows, out / "grpo_vs_teacher.png")
     print(f"wrote {out / 'grpo_vs_teacher.json'} and {out / 'grpo_vs_teacher.png'}")
+    return result
+
+
+def run_partial_rollouts_benchmark(cap: int = 1024, budget: int | None = None, extra_groups: int | None = None,
+                                   steps: int = 4, prompts: int = 4, generations: int = 8, prompt_len: int = 128,
+                                   hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 2,
+                                   vocab: int = 32000, device: str = "cpu", gradient_checkpointing: bool = True,
+                                   out_dir: str = "bench-grpo") -> dict:
+    """The hybrid's GRPO steps at `cap` (the `--against-teacher` shapes and length spread) with partial rollouts off
+    and on (`partial_rollout_budget` = `budget`, default cap / 4; `partial_rollout_extra_groups` = `extra_groups`,
+    default `prompts`), `steps` steps each in one trainer: the first step with partial rollouts fills the pool, so the
+    figure is the median of the later steps, either way. Both train B groups of G completed rows per step; with
+    partial rollouts some were started in earlier steps (their rounds and carried groups are printed)."""
+    from datasets import Dataset
+
+    from h1rl.rl import HybridGRPOTrainer
+
+    budget = budget or cap // 4
+    extra_groups = extra_groups or prompts
+    tokenizer = word_tokenizer(vocab)
+    words = [" ".join(f"w{(13 * i + 7 * j) % (vocab - 3)}" for j in range(prompt_len)) for i in range(64)]
+    dataset = Dataset.from_dict({"prompt": words})
+    stops = list(range(1, 1 + max(1, round(vocab * 3 / cap))))
+    print(f"GRPO steps of the hybrid (HybridGRPOTrainer), cap {cap}, partial rollouts off vs on (budget {budget} "
+          f"decode steps per round, {extra_groups} extra groups): hidden {hidden}, {layers} layers, {prompts} prompts "
+          f"x G={generations}, {device}, torch threads {torch.get_num_threads()}")
+    runs = {}
+    for name, options in (("off", {}), ("on", {"partial_rollout_budget": budget,
+                                              "partial_rollout_extra_groups": extra_groups})):
+        _, hybrid = teacher_and_hybrid(hidden, layers, heads, kv_heads, vocab)
+        hybrid.to(device).generation_config.eos_token_id = stops
+        logs, rollout_s, peaks = _timed_steps(HybridGRPOTrainer, hybrid, tokenizer, dataset, cap, steps, prompts,
+                                              generations, device, gradient_checkpointing, **options)
+        later = slice(1, None) if steps > 1 else slice(None)
+        run = {"step_s": [e["step_time"] for e in logs], "rollout_s": rollout_s,
+               "mean_completion": [e["completions/mean_length"] for e in logs],
+               "rounds": [e.get("partial_rollouts/rounds", 1.0) for e in logs],
+               "carried_groups": [e.get("partial_rollouts/carried_groups", 0.0) for e in logs],
+               "peak_rss_gib": max(peaks) if peaks else float("nan")}
+        run["median_step_s"] = statistics.median(run["step_s"][later])
+        run["median_rollout_s"] = statistics.median(run["rollout_s"][later])
+        run["trained_tokens_per_s"] = (statistics.median(run["mean_completion"][later]) * prompts * generations
+                                       / run["median_step_s"])
+        runs[name] = run
+        print(f"  partial rollouts {name:3s}: steps {' '.join(f'{t:.1f}' for t in run['step_s'])} s (median after "
+              f"the first {run['median_step_s']:.1f} s, rollout {run['median_rollout_s']:.1f} s); rounds "
+              f"{run['rounds']}; carried groups {run['carried_groups']}; trained completions of mean "
+              f"{' '.join(f'{m:.0f}' for m in run['mean_completion'])} tokens; "
+              f"{run['trained_tokens_per_s']:.1f} trained tok/s; peak RSS {run['peak_rss_gib']:.2f} GiB")
+    gain = runs["off"]["median_step_s"] / runs["on"]["median_step_s"]
+    print(f"  step-time gain of partial rollouts: {gain:.2f}x")
+    result = {"settings": dict(cap=cap, budget=budget, extra_groups=extra_groups, steps=steps, prompts=prompts,
+                               generations=generations, hidden=hidden, layers=layers, vocab=vocab, device=device,
+                               torch_threads=torch.get_num_threads()), "runs": runs, "gain": gain}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grpo_partial_rollouts.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -381,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m h1rl.bench.grpo_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--against-teacher", action="store_true", help="the hybrid vs its teacher (see the docstring)")
     p.add_argument("--overlap-scoring", action="store_true", help="math-verify scoring after vs during the rollout")
+    p.add_argument("--partial-rollouts", action="store_true", help="the hybrid at --caps[0] with partial rollouts "
+                   "off vs on (run_partial_rollouts_benchmark)")
+    p.add_argument("--partial-budget", type=int, default=None, help="decode steps per round (default cap / 4)")
     p.add_argument("--caps", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--steps", type=int, default=1, help="timed steps per run (median), after a warm-up step")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -392,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.overlap_scoring:
         run_overlap_benchmark(steps=args.steps + 1)
+        return 0
+    if args.partial_rollouts:
+        steps = args.steps if args.steps > 1 else 4  # the first step fills the pool
+        run_partial_rollouts_benchmark(cap=args.caps[0], budget=args.partial_budget, steps=steps, device=args.device,
+                                       hidden=args.hidden, layers=args.layers, vocab=args.vocab,
+                                       gradient_checkpointing=not args.no_gradient_checkpointing, out_dir=args.out)
         return 0
     if not args.against_teacher:
         run_grpo_benchmark(device=args.device, gradient_checkpointing=not args.no_gradient_checkpointing)
