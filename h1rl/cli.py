@@ -3,8 +3,8 @@
     h1rl grpo --config grpo_math [--learning_rate 1e-5 --max_steps 5 ...]    (--help: every key, TRL's and h1rl's)
     h1rl distill --config distill_tiny [--stages.0.max_steps 10 ...]
     h1rl demo [--quick] [--config demo] [--out_dir runs/demo2 --grpo.max_steps 60 ...]
-    h1rl eval --model DIR [--data FILE] [--num-samples 8] ...
-    h1rl convert --teacher DIR --layout t,m2,m2,t --out DIR [--ssm-cfg JSON] [--dtype float32]
+    h1rl eval --model DIR|HUB_NAME|bundled [--dataset_name FILE_OR_HUB_NAME] [--num_samples 8 ...]   (--help)
+    h1rl convert --teacher DIR|HUB_NAME|bundled --layout t,m2,m2,t --output_dir DIR [--ssm-cfg JSON] [--dtype float32]
     h1rl recipes [cp NAME DIR | path NAME]     the bundled recipes and launcher configs
     h1rl env                                   the versions a bug report needs
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
@@ -28,12 +28,18 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.old_out is not None or args.output_dir is None:
+        why = "--out was renamed --output_dir" if args.old_out is not None else "--output_dir is required"
+        print(f"h1rl convert: error: {why}", file=sys.stderr)
+        return 2
+    from h1rl.assets import model_path
     from h1rl.log import setup_logging
     from h1rl.models.convert import convert_to_directory
 
     setup_logging()
     ssm_cfg = json.loads(args.ssm_cfg) if args.ssm_cfg else None
-    out = convert_to_directory(args.teacher, args.layout, args.out, ssm_cfg=ssm_cfg, dtype=args.dtype)
+    out = convert_to_directory(model_path(args.teacher), args.layout, args.output_dir, ssm_cfg=ssm_cfg,
+                               dtype=args.dtype)
     print(f"hybrid checkpoint written to {out}")
     return 0
 
@@ -74,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="turn a Llama/Mistral/Qwen2/Qwen3 teacher into a hybrid (Mamba-in-Llama init)")
-    p.add_argument("--teacher", required=True, help="directory of a transformers checkpoint")
+    p.add_argument("--teacher", required=True,
+                   help="a transformers checkpoint: a directory, a hub name, or `bundled` (the bundled tiny teacher)")
     p.add_argument("--layout", required=True, help="one code per layer, comma-separated: t (attention), m2, i")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--output_dir", default=None, help="required: the hybrid checkpoint's directory")
+    p.add_argument("--out", dest="old_out", default=None, help=argparse.SUPPRESS)  # renamed --output_dir
     p.add_argument("--ssm-cfg", default=None, help='JSON overrides of ssm_cfg, e.g. \'{"d_state": 16}\'')
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_convert)

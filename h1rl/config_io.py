@@ -5,7 +5,8 @@ The one place where h1rl turns YAML into typed configs (distillation now, GRPO l
 - the dataclass is the single source of truth: YAML keys map one to one onto its fields, a nested dataclass onto a
   nested mapping, `list[SomeDataclass]` onto a sequence of mappings;
 - an unknown key is an error that names its full dotted key (`loss.temprature`, `stages.1.scorre`), the closest
-  valid key and the keys allowed there; a missing required field is an error naming its key;
+  valid key and the keys allowed there; a key the dataclass lists in its `RENAMED` ClassVar (old -> new) is an
+  error naming the new key; a missing required field is an error naming its key;
 - values are coerced to the annotated type: `int`, `float` (also from strings such as `1e-4`, which YAML 1.1 reads
   as text), `bool`, `str`, `Literal[...]`, `X | None`, `list[X]`, `tuple[X, ...]`, `dict[str, X]`, `Any`, nested
   dataclasses; a value that does not fit is an error naming the key, the expected type and the value;
@@ -281,7 +282,10 @@ def _build_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: {key or '<root>'}: expected a mapping of {cls.__name__} fields, got {value!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
+    renamed = getattr(cls, "RENAMED", {})
     for name in value:
+        if name in renamed and name not in fields:
+            raise ConfigError(f"{source}: key {_join(key, str(name))!r} was renamed {_join(key, renamed[name])!r}")
         if name not in fields:
             where = f" under {key!r}" if key else ""
             raise ConfigError(f"{source}: unknown key {_join(key, str(name))!r}{closest(str(name), fields)}; allowed "

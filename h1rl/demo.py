@@ -1,10 +1,10 @@
 """`h1rl demo`: distill-then-RL end to end on the bundled teacher and task, on CPU, from a recipe.
 
-    h1rl demo [--quick] [--config NAME|PATH] [--key value ...]      # e.g. --out_dir runs/demo2 --grpo.max_steps 5
+    h1rl demo [--quick] [--config NAME|PATH] [--key value ...]      # e.g. --output_dir runs/demo2 --grpo.max_steps 5
 
 The demo is a recipe like any other: the bundled `demo` (and `demo_quick` for `--quick`) maps onto `DemoConfig`,
 whose `distill` section is the typed config `h1rl distill` reads and whose `grpo` section holds the flat keys of an
-`h1rl grpo` recipe. Fields set to "auto" are filled in by the demo (paths inside `out_dir`, the bundled teacher).
+`h1rl grpo` recipe. Fields set to "auto" are filled in by the demo (paths inside `output_dir`, the demo's teacher).
 Phases:
 
 1. data: the synthetic arithmetic task's train split (GRPO prompts; distillation conversations) and test split;
@@ -16,9 +16,9 @@ Phases:
 4. staged distillation into a hybrid (`h1rl.distill`), then evaluate it;
 5. GRPO with the math-verify reward (`h1rl.rl`), then evaluate it;
 6. rollout throughput of the hybrid (engine) vs the teacher (`generate`), same prompts;
-7. `report.md`, `results.json` and PNG plots in `out_dir`, and a summary table on stdout.
+7. `report.md`, `results.json` and PNG plots in `output_dir`, and a summary table on stdout.
 
-Each phase leaves its results in `out_dir`; running the same command again skips what is done (distillation and
+Each phase leaves its results in `output_dir`; running the same command again skips what is done (distillation and
 GRPO resume from their checkpoints).
 """
 
@@ -32,8 +32,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from h1rl.assets import BUNDLED
 from h1rl.config_io import load_config, save_config
 from h1rl.distill.config import DistillConfig
 from h1rl.eval import EvalConfig
@@ -55,7 +56,9 @@ class TaskSpec:
 
 @dataclass
 class DemoConfig:
-    out_dir: str
+    RENAMED: ClassVar[dict[str, str]] = {"out_dir": "output_dir"}
+
+    output_dir: str
     distill: DistillConfig
     grpo: dict[str, Any]  # the keys of an `h1rl grpo` recipe: --grpo.KEY value sets one (`h1rl grpo --help` lists them)
     task: TaskSpec = field(default_factory=TaskSpec)
@@ -63,7 +66,7 @@ class DemoConfig:
     # pass@1 from n samples per problem at a temperature (RL papers' usual figure; a smoother estimate than one
     # greedy answer for small models, whose greedy answers flip on many problems under small weight changes)
     sampled_eval: EvalConfig | None = None
-    teacher: str = AUTO  # "auto": the bundled teacher (h1rl/assets/teacher)
+    teacher: str = BUNDLED  # a teacher checkpoint directory, or "bundled": the bundled one (h1rl/assets/teacher)
     # what the student is distilled on: the teacher's correct greedy solutions of the training problems
     # ("teacher_traces", generated with the `eval` settings) or the task's reference solutions ("solutions")
     distill_data: str = "teacher_traces"
@@ -72,25 +75,26 @@ class DemoConfig:
     def __post_init__(self):
         from h1rl.rl.config import check_grpo_keys
 
+        if self.teacher == AUTO:
+            raise ValueError(f"teacher: 'auto' is now {BUNDLED!r} (the bundled teacher)")
         if self.distill_data not in DISTILL_DATA:
             raise ValueError(f"distill_data: expected one of {', '.join(DISTILL_DATA)}, got {self.distill_data!r}")
         check_grpo_keys(self.grpo, "grpo")
 
 
 def resolve(cfg: DemoConfig) -> DemoConfig:
-    """Fill the "auto" fields with the bundled teacher and paths inside `out_dir`."""
-    from h1rl.assets import teacher_dir
+    """Fill the "auto" fields with the demo's teacher and paths inside `output_dir`."""
+    from h1rl.assets import model_path
 
-    out = Path(cfg.out_dir)
-    if cfg.teacher == AUTO:
-        cfg.teacher = str(teacher_dir())
+    out = Path(cfg.output_dir)
+    cfg.teacher = model_path(cfg.teacher)
     d = cfg.distill
-    d.out_dir = str(out / "distill") if d.out_dir == AUTO else d.out_dir
+    d.output_dir = str(out / "distill") if d.output_dir == AUTO else d.output_dir
     d.model.teacher = cfg.teacher if d.model.teacher == AUTO else d.model.teacher
-    if d.data.path == AUTO:
-        d.data.path = str(out / "data" / f"distill_{cfg.distill_data}.jsonl")
-    if d.data.calibration_path == AUTO:
-        d.data.calibration_path = str(out / "data" / "calibration.jsonl")
+    if d.data.dataset_name == AUTO:
+        d.data.dataset_name = str(out / "data" / f"distill_{cfg.distill_data}.jsonl")
+    if d.data.calibration_dataset_name == AUTO:
+        d.data.calibration_dataset_name = str(out / "data" / "calibration.jsonl")
     g = cfg.grpo
     for key, value in (("output_dir", out / "grpo"), ("dataset_name", out / "data" / "train.jsonl")):
         if g.get(key, AUTO) == AUTO:
@@ -103,7 +107,7 @@ def write_data(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
     from h1rl.data import make_splits, to_chat, write_jsonl
 
     splits = make_splits(cfg.task.train_size, cfg.task.test_size, cfg.task.difficulty, cfg.task.seed)
-    data = Path(cfg.out_dir) / "data"
+    data = Path(cfg.output_dir) / "data"
     write_jsonl([{"question": r["question"], "answer": r["answer"]} for r in splits["train"]], data / "train.jsonl")
     system = cfg.grpo.get("system_prompt")
     chats = [{"messages": to_chat(r, system)} for r in splits["train"]]
@@ -133,9 +137,9 @@ def cached_evaluation(path: Path, what: str, model_dir: str, rows: list[dict], c
 
 def evaluate_once(name: str, model_dir: str, test_rows: list[dict], cfg: DemoConfig) -> dict[str, Any]:
     """Evaluate a checkpoint on the test rows: {"greedy": results, "sampled": results (when configured)}, cached in
-    out_dir/eval/<name>.json and <name>_sampled.json (`cached_evaluation`)."""
+    output_dir/eval/<name>.json and <name>_sampled.json (`cached_evaluation`)."""
     configs = {"greedy": (cfg.eval, name), "sampled": (cfg.sampled_eval, f"{name}_sampled")}
-    return {kind: cached_evaluation(Path(cfg.out_dir) / "eval" / f"{stem}.json", f"{name} (held-out, {kind})",
+    return {kind: cached_evaluation(Path(cfg.output_dir) / "eval" / f"{stem}.json", f"{name} (held-out, {kind})",
                                     model_dir, test_rows, config)
             for kind, (config, stem) in configs.items() if config is not None}
 
@@ -148,12 +152,12 @@ def write_teacher_traces(cfg: DemoConfig, train_rows: list[dict]) -> dict[str, A
 
     config = dataclasses.replace(cfg.eval, system_prompt=cfg.grpo.get("system_prompt"), num_samples=1, temperature=0.0,
                                  pass_k=[])
-    results = cached_evaluation(Path(cfg.out_dir) / "eval" / "teacher_train.json", "the teacher (training problems)",
+    results = cached_evaluation(Path(cfg.output_dir) / "eval" / "teacher_train.json", "the teacher (training problems)",
                                 cfg.teacher, train_rows, config)
     rows = trace_rows(results)
-    write_jsonl(rows, cfg.distill.data.path)
+    write_jsonl(rows, cfg.distill.data.dataset_name)
     logger.info("distillation data: the teacher's correct greedy solutions of %d of %d training problems -> %s",
-                len(rows), len(train_rows), cfg.distill.data.path)
+                len(rows), len(train_rows), cfg.distill.data.dataset_name)
     return {"problems": len(train_rows), "kept": len(rows), "teacher_train_accuracy": results["accuracy"]}
 
 
@@ -190,7 +194,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from h1rl.rl.run import run_grpo
 
     cfg = resolve(cfg)
-    out = Path(cfg.out_dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "resolved_config.yaml")
     timings = {f"{phase}_s": 0.0 for phase in ("data", "eval", "traces", "distill", "grpo", "throughput")}
@@ -208,9 +212,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     traces = timed("traces", write_teacher_traces, cfg, splits["train"]) if cfg.distill_data == "teacher_traces" \
         else None
 
-    logger.info("distilling %d stages into %s", len(cfg.distill.stages), cfg.distill.out_dir)
+    logger.info("distilling %d stages into %s", len(cfg.distill.stages), cfg.distill.output_dir)
     manifest = timed("distill", run_distillation, cfg.distill)
-    distilled = str(Path(cfg.distill.out_dir) / manifest["final_checkpoint"])
+    distilled = str(Path(cfg.distill.output_dir) / manifest["final_checkpoint"])
     results["hybrid_distilled"] = timed("eval", evaluate_once, "hybrid_distilled", distilled, test_rows, cfg)
 
     if cfg.grpo.get("model_name_or_path", AUTO) == AUTO:

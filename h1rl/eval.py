@@ -1,6 +1,7 @@
 r"""`h1rl eval`: accuracy and pass@k of a checkpoint on a math dataset, scored by math-verify.
 
-    h1rl eval --model DIR [--data FILE_OR_HUB_NAME] [--num-samples 8 --temperature 1.0] [--out eval.json]
+    h1rl eval --model DIR|HUB_NAME|bundled [--dataset_name FILE_OR_HUB_NAME] [--num_samples 8 --temperature 1.0]
+              [--out eval.json] [--traces traces.jsonl]          (--help: every key)
 
 Works for any checkpoint h1rl loads: hybrids (and Apriel-H1 checkpoints) generate with the rollout engine
 (`h1rl.rollout.RolloutEngine`: prefill once, fast recurrent decode), other causal LMs (the plain transformer
@@ -8,19 +9,22 @@ teachers) with `model.generate`. The default data is the bundled test split (`h1
 which the bundled teacher was measured.
 
 What is measured, per problem, from n completions (`num_samples`):
+- the problems are read by `h1rl.data.loading` (the loader of `h1rl grpo` and `h1rl distill` too): the
+  `prompt_column`, and the reference answer extracted from `answer_column` per `answer_format` (GSM8K's `#### N`,
+  MATH's `\boxed{}`, or the answer itself);
 - each completion is the model's reply to the question as a chat prompt (the tokenizer's chat template, with
   `add_generation_prompt`; plain question text when `chat=False`), decoded without special tokens and scored by
-  `h1rl.rewards.accuracy_reward` against the `answer` column (its last `\boxed{}` answer, checked by math-verify in
-  killable worker processes);
+  `h1rl.rewards.accuracy_reward` against the reference answer (the completion's last `\boxed{}` answer, checked by
+  math-verify in killable worker processes);
 - `accuracy`: the mean score over all completions: greedy accuracy when temperature is 0 (then n must be 1), else
   the sampled accuracy, an unbiased estimate of pass@1;
 - `pass@k` for each k in `pass_k` (<= n): the unbiased estimator of Chen et al. 2021 (Codex),
   1 - C(n - c, k) / C(n, k) per problem with c correct completions, averaged; pass@1 equals `accuracy`, and
   pass@k never decreases with k.
-Also reported: the share of completions with no `\boxed{}` answer (`no_answer`) and of those cut at `max_new_tokens`
-(`truncated`), the mean completion length in tokens, the checker's counters (timeouts, crashes, errors are failures
-of the checker, not of the model), and every completion with its score, so a number in the table can be traced to
-the texts behind it.
+Also reported: the share of completions with no `\boxed{}` answer (`no_answer`) and of those cut at
+`max_completion_length` (`truncated`), the mean completion length in tokens, the checker's counters (timeouts,
+crashes, errors are failures of the checker, not of the model), and every completion with its score, so a number in
+the table can be traced to the texts behind it.
 
 `evaluate(model, dataset, tokenizer=None, **settings)` returns that as a dict; `main(argv)` is the command line:
 it prints a table (`format_table`) and writes the dict as JSON.
@@ -32,40 +36,62 @@ Apriel-H1 distilled on its teacher's traces).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
+from h1rl.data.loading import ANSWER_FORMATS, prompt_text
+
 logger = logging.getLogger(__name__)
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
 
 @dataclass
 class EvalConfig:
-    """How to evaluate. `evaluate(..., **fields)` and the command-line options map onto these fields."""
+    """How to evaluate: `evaluate(..., **fields)`, `h1rl eval --key value` and the demo's `eval` sections map onto these
+    fields (the data's names are those of `h1rl grpo`: TRL's where it has one)."""
 
-    num_samples: int = 1  # completions per problem (n)
-    temperature: float | None = None  # None: 0 (greedy) when num_samples is 1, else 1.0
-    top_p: float = 1.0
-    pass_k: list[int] = field(default_factory=list)  # k values for pass@k; empty: [1, num_samples]
-    max_new_tokens: int = 128
-    batch_size: int = 64  # problems per generation batch (rows = batch_size * num_samples)
-    seed: int = 0  # sampling seed (batch i samples with seed + i)
-    split: str = "test"  # for hub datasets
-    question_column: str = "question"
-    answer_column: str = "answer"
-    system_prompt: str | None = None  # prepended as a system message (chat prompts only)
-    chat: bool = True  # format prompts with the tokenizer's chat template
-    max_samples: int | None = None  # evaluate only the first N problems
+    RENAMED: ClassVar[dict[str, str]] = {"question_column": "prompt_column", "max_new_tokens": "max_completion_length",
+                                         "split": "dataset_test_split"}
+
+    num_samples: int = field(default=1, metadata={"help": "Completions per problem (n). Default 1.", "aliases": ["-n"]})
+    temperature: float | None = field(
+        default=None, metadata={"help": "Sampling temperature; 0 is greedy. Default none: 0 when num_samples is 1, "
+                                        "else 1.0."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling's p. Default 1.0 (off)."})
+    pass_k: list[int] = field(
+        default_factory=list, metadata={"help": "The k of pass@k (each <= num_samples). Default: 1 and num_samples."})
+    max_completion_length: int = field(
+        default=128, metadata={"help": "Most tokens generated per completion (TRL's name). Default 128."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Problems per generation batch (rows: batch_size x num_samples). Default 64."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (batch i samples with seed + i). Default 0."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "A hub dataset's configuration name (TRL's dataset_config). Default none."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "The split of a hub dataset to evaluate on (TRL's dataset_test_split); a "
+                                          "local file has one. Default test."})
+    prompt_column: str = field(
+        default="question", metadata={"help": "Column holding the problem: text, or a list of chat messages. Default "
+                                              "question (the bundled test split's)."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the reference answer. Default "
+                                                                   "answer."})
+    answer_format: str = field(
+        default="auto", metadata={"help": "How the reference answer is read from answer_column: gsm8k ('#### N'), "
+                                          "boxed (the last \\boxed{...}), plain, or auto. Default auto "
+                                          "(h1rl.data.loading).", "choices": list(ANSWER_FORMATS)})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Prepended as a system message (chat prompts only). Default none."})
+    chat: bool = field(
+        default=True, metadata={"help": "Format prompts with the tokenizer's chat template (with the generation "
+                                        "prompt); --no_chat prompts with the plain question. Default true."})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N problems. Default all."})
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -83,11 +109,13 @@ class EvalConfig:
         if bad:
             raise ValueError(f"pass_k values must be in 1..num_samples ({self.num_samples}), got {bad}")
         self.pass_k = sorted(set(self.pass_k))
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_completion_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 (or None for all), got {self.max_samples}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format: expected one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -104,64 +132,48 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def load_problems(dataset: Any, config: EvalConfig) -> tuple[list[dict[str, Any]], str]:
-    """(rows with the question and answer columns, a name for the report) from a path, hub name, or rows."""
-    if isinstance(dataset, (str, Path)):
-        name = str(dataset)
-        path = Path(dataset)
-        if path.suffix in LOCAL_SUFFIXES and not path.exists():
-            raise FileNotFoundError(f"eval data: {path} does not exist")
-        from h1rl.distill.data import load_rows
+    """(rows with a `prompt` and the extracted reference answer, a name for the report) from a local file, a hub name,
+    or rows (`h1rl.data.loading.load_problems`)."""
+    from h1rl.data.loading import load_problems as load
 
-        rows = [dict(r) for r in load_rows(name, split=config.split, max_samples=config.max_samples)]
-    else:
-        name = f"<{type(dataset).__name__} of {len(dataset)} rows>"
-        rows = [dict(r) for r in dataset]
-        if config.max_samples is not None:
-            rows = rows[: config.max_samples]
-    if not rows:
-        raise ValueError(f"eval data {name}: no rows")
-    for i, row in enumerate(rows):
-        missing = [c for c in (config.question_column, config.answer_column) if c not in row]
-        if missing:
-            raise ValueError(f"eval data {name}: row {i} has no column(s) {missing} (question_column / "
-                             f"answer_column); its columns are {sorted(row)}")
-        question = row[config.question_column]
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"eval data {name}: row {i}: column {config.question_column!r} must be non-empty text")
-        if row[config.answer_column] is None:
-            raise ValueError(f"eval data {name}: row {i}: column {config.answer_column!r} is empty")
-    return rows, name
+    name = str(dataset) if isinstance(dataset, (str, Path)) else f"<{type(dataset).__name__} of {len(dataset)} rows>"
+    rows = load(dataset, prompt_column=config.prompt_column, answer_column=config.answer_column,
+                answer_format=config.answer_format, system_prompt=config.system_prompt, chat=config.chat,
+                split=config.dataset_test_split, dataset_config=config.dataset_config,
+                max_samples=config.max_samples, where="eval data")
+    return [dict(row) for row in rows], name
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a checkpoint directory: any h1rl hybrid, Apriel-H1 checkpoint or transformers LM."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a checkpoint directory (any h1rl hybrid, Apriel-H1 checkpoint or transformers LM), a hub
+    name, or `bundled` (the bundled tiny teacher)."""
+    from transformers import AutoModelForCausalLM
 
     import h1rl  # noqa: F401  (registers the hybrid Auto classes)
+    from h1rl.assets import model_path
+    from h1rl.data.tokenizer import load_tokenizer
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
+    path = model_path(name_or_path)
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"eval model: {path} has no config.json (expected a checkpoint directory)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.eval(), tokenizer
 
 
 def encode_prompts(rows: list[dict[str, Any]], tokenizer, config: EvalConfig) -> list[list[int]]:
-    """Token ids of each row's prompt (chat template with the generation prompt, or the plain question)."""
+    """Token ids of each row's `prompt`: chat messages through the chat template with the generation prompt, text as
+    it is."""
     if config.chat and not tokenizer.chat_template:
-        raise ValueError("eval: the tokenizer has no chat template; pass chat=False (--no-chat) to prompt with the "
+        raise ValueError("eval: the tokenizer has no chat template; pass chat=False (--no_chat) to prompt with the "
                          "plain question text")
     prompts = []
     for row in rows:
-        question = row[config.question_column]
-        if config.chat:
-            messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
-            messages.append({"role": "user", "content": question})
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+        if isinstance(row["prompt"], list):
+            ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)["input_ids"]
         else:
-            ids = tokenizer(question)["input_ids"]
+            ids = tokenizer(row["prompt"])["input_ids"]
         prompts.append(list(ids))
     return prompts
 
@@ -188,7 +200,7 @@ def generate(model, prompts: list[list[int]], config: EvalConfig, stop_ids: list
     if isinstance(model, HybridForCausalLM):
         from h1rl.rollout import RolloutEngine, SamplingParams
 
-        params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        params = SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
                                 top_p=config.top_p, stop_token_ids=stop_ids, seed=seed)
         rollout = RolloutEngine(model, pad_token_id=pad_id).generate(prompts, n, params)
         return rollout.completions(), rollout.finish_reasons
@@ -204,7 +216,7 @@ def generate(model, prompts: list[list[int]], config: EvalConfig, stop_ids: list
         mask[r, T - len(p) :] = 1
     sample = config.temperature > 0
     gen_config = GenerationConfig(
-        max_new_tokens=config.max_new_tokens, do_sample=sample, num_return_sequences=n,
+        max_new_tokens=config.max_completion_length, do_sample=sample, num_return_sequences=n,
         temperature=config.temperature if sample else None, top_p=config.top_p if sample else None, top_k=None,
         eos_token_id=stop_ids, pad_token_id=pad_id,
     )
@@ -263,7 +275,7 @@ def evaluate(model, dataset, tokenizer=None, config: EvalConfig | None = None, r
 
     n = config.num_samples
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
-    golds = [str(row[config.answer_column]) for row in rows for _ in range(n)]
+    golds = [row[config.answer_column] for row in rows for _ in range(n)]
     from h1rl.rewards import accuracy_reward
 
     scorer = reward if reward is not None else accuracy_reward(answer_column="answer")
@@ -284,7 +296,7 @@ def evaluate(model, dataset, tokenizer=None, config: EvalConfig | None = None, r
         for k in config.pass_k:
             per_k[k] += pass_at_k(n, c, k)
         problems.append({
-            "index": i, "question": row[config.question_column], "answer": str(row[config.answer_column]),
+            "index": i, "question": prompt_text(row["prompt"]), "answer": row[config.answer_column],
             "num_correct": c, "completions": texts[i * n : (i + 1) * n], "correct": hits,
             "finish_reasons": reasons[i * n : (i + 1) * n],
         })
@@ -364,46 +376,59 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from h1rl.assets import held_out_path
-    from h1rl.log import LOG_LEVELS, setup_logging
+@dataclass
+class EvalArguments:
+    """What `h1rl eval` evaluates and where its results go (the settings are `EvalConfig`'s)."""
 
-    defaults = EvalConfig()
-    parser = argparse.ArgumentParser(prog="h1rl eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (hybrid, Apriel-H1 or transformers LM)")
-    parser.add_argument("--data", default=str(held_out_path()),
-                        help="local .jsonl/.json/.parquet/.csv file or hub dataset name (default: the bundled test "
-                             "split)")
-    parser.add_argument("--split", default=defaults.split, help="split of a hub dataset")
-    parser.add_argument("--question-column", default=defaults.question_column)
-    parser.add_argument("--answer-column", default=defaults.answer_column)
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--no-chat", action="store_true", help="prompt with the plain question, no chat template")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N problems only")
-    parser.add_argument("--num-samples", "-n", type=int, default=defaults.num_samples, help="completions per problem")
-    parser.add_argument("--pass-k", type=int, nargs="+", default=None, help="k values (default: 1 and n)")
-    parser.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for n=1, else 1.0")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", default="eval.json", help="JSON file for the results (default: eval.json)")
-    parser.add_argument("--traces", default=None,
-                        help="also write the correct completions as chat rows for `h1rl distill` (a .jsonl file)")
-    parser.add_argument("--traces-all", action="store_true", help="with --traces: keep wrong completions too")
-    parser.add_argument("--log_level", default="passive", choices=LOG_LEVELS,
-                        help="passive (default): h1rl's progress at info, transformers as it is; other levels set both")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    RENAMED: ClassVar[dict[str, str]] = {"data": "dataset_name"}
+
+    model: str = field(metadata={"help": "Required. A checkpoint directory (hybrid, Apriel-H1 or transformers LM), a "
+                                         "hub model name, or `bundled` (the bundled tiny teacher)."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A local .json / .jsonl / .parquet / .csv file or a hub dataset name (TRL's "
+                                        "dataset_name). Default: the bundled test split."})
+    out: str = field(default="eval.json", metadata={"help": "JSON file for the results. Default eval.json."})
+    traces: str | None = field(
+        default=None, metadata={"help": "Also write the correct completions as chat rows for `h1rl distill` (a .jsonl "
+                                        "file). Default none."})
+    traces_all: bool = field(default=False, metadata={"help": "With --traces: keep the wrong completions too."})
+    log_level: str = field(
+        default="passive", metadata={"help": "passive (default): h1rl's progress at info, transformers as it is; "
+                                             "other levels set both."})
+
+
+def parse_eval_args(argv: list[str] | None = None) -> tuple[EvalArguments, EvalConfig]:
+    """`h1rl eval`'s arguments: `--key value` for the keys of `EvalArguments` and `EvalConfig` (`--config FILE`
+    reads them from YAML); ConfigError for an unknown or renamed key."""
+    from h1rl.config_io import ConfigError
+    from h1rl.flags import parse_flat
+    from h1rl.log import LOG_LEVELS
+
+    (args, config), _ = parse_flat((EvalArguments, EvalConfig), argv or [], prog="h1rl eval", kind="eval",
+                                   description="accuracy and pass@k of a checkpoint on a math dataset, scored by "
+                                               "math-verify: --key value for any key below")
+    if args.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     if args.traces_all and not args.traces:
-        parser.error("--traces-all needs --traces FILE")
-    config = EvalConfig(
-        num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p, pass_k=args.pass_k or [],
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, split=args.split,
-        question_column=args.question_column, answer_column=args.answer_column, system_prompt=args.system_prompt,
-        chat=not args.no_chat, max_samples=args.max_samples,
-    )
-    results = evaluate(args.model, args.data, config=config)
+        raise ConfigError("--traces_all needs --traces FILE")
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`h1rl eval --model M [--dataset_name D] [--key value ...]`; returns the exit status (2 for a bad option)."""
+    import sys
+
+    from h1rl.assets import held_out_path
+    from h1rl.config_io import ConfigError
+    from h1rl.log import setup_logging
+
+    try:
+        args, config = parse_eval_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"h1rl eval: error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level)
+    results = evaluate(args.model, args.dataset_name or str(held_out_path()), config=config)
     print(format_table({Path(args.model).name or args.model: results}))
     if results["checker"].get("timeouts") or results["checker"].get("crashes") or results["checker"].get("errors"):
         print(f"checker failures (scored 0): {results['checker']}")

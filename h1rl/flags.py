@@ -119,13 +119,18 @@ def parse_flat(
         source = str(path)
     mapping = dict(mapping or {})
     keys = {action.dest for action in parser._actions} - {"help"}
+    renamed = renamed_keys(dataclass_types)
     for key in mapping:
+        if key in renamed:
+            raise ConfigError(f"{source}: key {key!r} was renamed {renamed[key]!r}")
         if key != "env" and key not in keys:
             raise ConfigError(f"{source}: unknown key {key!r}{closest(key, keys)}; `{prog} --help` lists every key")
     options = {s for action in parser._actions for s in action.option_strings}
     for arg in argv:
         if arg.startswith("--"):
             flag = arg.split("=", 1)[0]
+            if flag not in options and flag[2:].replace("-", "_") in renamed:
+                raise ConfigError(f"{flag} was renamed --{renamed[flag[2:].replace('-', '_')]}")
             if flag not in options:
                 raise ConfigError(f"unknown option {flag}{closest(flag, options)}; `{prog} --help` lists every key")
     env = mapping.pop("env", {}) or {}
@@ -144,6 +149,12 @@ def parse_flat(
     except (TypeError, FileNotFoundError) as err:
         raise ConfigError(f"{source}: {err}") from err
     return tuple(parsed), parser.inputs
+
+
+def renamed_keys(dataclass_types: Sequence[type]) -> dict[str, str]:
+    """Old key -> new key, from each dataclass's `RENAMED` (a ClassVar): old names fail with a message naming the new
+    one instead of "unknown key"."""
+    return {old: new for cls in dataclass_types for old, new in getattr(cls, "RENAMED", {}).items()}
 
 
 # ---- configs with sections (h1rl.config_io) ----------------------------------------------------------------------

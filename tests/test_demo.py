@@ -12,7 +12,7 @@ from h1rl.demo import main
 @pytest.mark.slow
 def test_quick_demo_runs_every_phase(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--quick", "--out_dir", str(out)]) == 0
+    assert main(["--quick", "--output_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
     assert set(summary["accuracy"]) == {"teacher", "hybrid_distilled", "hybrid_grpo"}
@@ -38,7 +38,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     # a second run finds every phase done and redoes nothing
     cached = [out / "eval" / name for name in ("hybrid_grpo.json", "hybrid_grpo_sampled.json", "teacher_train.json")]
     stamps = [path.stat().st_mtime_ns for path in cached]
-    assert main(["--quick", "--out_dir", str(out)]) == 0
+    assert main(["--quick", "--output_dir", str(out)]) == 0
     assert [path.stat().st_mtime_ns for path in cached] == stamps
 
 
@@ -70,16 +70,16 @@ def test_cached_evaluation_is_redone_when_its_settings_change(tmp_path):
     from h1rl.demo import DemoConfig, evaluate_once
     from h1rl.recipes import find
 
-    cfg = load_config(DemoConfig, find("demo_quick"), [f"out_dir={tmp_path}", "sampled_eval=null"])
+    cfg = load_config(DemoConfig, find("demo_quick"), [f"output_dir={tmp_path}", "sampled_eval=null"])
     rows = make_splits(0, 3, 3, 0)["test"]
     path = tmp_path / "eval" / "teacher.json"
     first = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
     stamp = path.stat().st_mtime_ns
     assert evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"] == first  # read back
     assert path.stat().st_mtime_ns == stamp
-    cfg.eval.max_new_tokens = 8
+    cfg.eval.max_completion_length = 8
     again = evaluate_once("teacher", str(teacher_dir()), rows, cfg)["greedy"]
-    assert again["config"]["max_new_tokens"] == 8 and path.stat().st_mtime_ns != stamp
+    assert again["config"]["max_completion_length"] == 8 and path.stat().st_mtime_ns != stamp
     stamp = path.stat().st_mtime_ns
     other = make_splits(0, 4, 3, 0)["test"]  # other problems (a changed task): evaluated again
     assert evaluate_once("teacher", str(teacher_dir()), other, cfg)["greedy"]["num_problems"] == 4
@@ -92,7 +92,7 @@ def test_distillation_data_choice(tmp_path):
     from h1rl.recipes import find
 
     for choice in ("teacher_traces", "solutions"):
-        cfg = resolve(load_config(DemoConfig, find("demo_quick"), [f"out_dir={tmp_path}",
+        cfg = resolve(load_config(DemoConfig, find("demo_quick"), [f"output_dir={tmp_path}",
                                                                               f"distill_data={choice}"]))
         assert cfg.distill.data.path == str(tmp_path / "data" / f"distill_{choice}.jsonl")
     with pytest.raises(ValueError, match="distill_data: expected one of teacher_traces, solutions, got 'gold'"):

@@ -51,14 +51,14 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("which", ["teacher", "hybrid"])
 def test_greedy_accuracy_and_sampled_pass_at_k(world, which):
     path = world["root"] / which
-    greedy = evaluate(path, world["data"], max_new_tokens=8)
+    greedy = evaluate(path, world["data"], max_completion_length=8)
     assert greedy["num_problems"] == 12 and greedy["temperature"] == 0.0
     answers = [p["completions"][0] for p in greedy["problems"]]
     assert all(text == "\\boxed{4}" for text in answers), answers  # the most likely reply, every time
     assert greedy["accuracy"] == greedy["pass@1"] == 0.5
     assert [p["correct"] for p in greedy["problems"]] == [[p["answer"] == "4"] for p in greedy["problems"]]
 
-    sampled = evaluate(path, world["data"], num_samples=4, pass_k=[1, 2, 4], max_new_tokens=8, seed=1)
+    sampled = evaluate(path, world["data"], num_samples=4, pass_k=[1, 2, 4], max_completion_length=8, seed=1)
     assert sampled["temperature"] == 1.0
     texts = {t for p in sampled["problems"] for t in p["completions"]}
     assert {"\\boxed{4}", "\\boxed{5}"} <= texts  # sampling at temperature 1 gives both answers
@@ -78,15 +78,15 @@ def test_engine_and_generate_agree_on_an_exact_hybrid(world):
     exact = convert_teacher(world["teacher"], ["t", "t"]).eval()
     assert isinstance(exact, HybridForCausalLM)
     rows = [{"question": r["question"], "answer": r["answer"]} for r in ArithmeticTask(3, 1).generate(6, "test")]
-    a = evaluate(world["teacher"], rows, world["tokenizer"], max_new_tokens=12)
-    b = evaluate(exact, rows, world["tokenizer"], max_new_tokens=12)
+    a = evaluate(world["teacher"], rows, world["tokenizer"], max_completion_length=12)
+    b = evaluate(exact, rows, world["tokenizer"], max_completion_length=12)
     assert [p["completions"] for p in a["problems"]] == [p["completions"] for p in b["problems"]]
 
 
 def test_cli_prints_a_table_and_writes_json(world, capsys):
     out = world["root"] / "results" / "eval.json"
-    code = main(["--model", str(world["root"] / "hybrid"), "--data", str(world["data"]), "-n", "2",
-                 "--max-new-tokens", "8", "--max-samples", "6", "--batch-size", "4", "--out", str(out)])
+    code = main(["--model", str(world["root"] / "hybrid"), "--dataset_name", str(world["data"]), "-n", "2",
+                 "--max_completion_length", "8", "--max_samples", "6", "--batch_size", "4", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "pass@2" in printed and str(out) in printed
@@ -96,9 +96,9 @@ def test_cli_prints_a_table_and_writes_json(world, capsys):
     assert results["pass@2"] >= results["accuracy"]
 
     traces = world["root"] / "results" / "traces.jsonl"
-    assert main(["--model", str(world["root"] / "hybrid"), "--data", str(world["data"]), "-n", "2",
-                 "--max-new-tokens", "8", "--max-samples", "6", "--batch-size", "4", "--out", str(out),
-                 "--traces", str(traces), "--traces-all"]) == 0
+    assert main(["--model", str(world["root"] / "hybrid"), "--dataset_name", str(world["data"]), "-n", "2",
+                 "--max-completion-length", "8", "--max-samples", "6", "--batch-size", "4", "--out", str(out),
+                 "--traces", str(traces), "--traces-all"]) == 0  # TRL's parser takes --key-with-dashes too
     rows = [json.loads(line) for line in traces.read_text().splitlines()]
     results = json.loads(out.read_text())
     assert rows == trace_rows(results, only_correct=False) and 6 <= len(rows) <= 12
@@ -133,9 +133,10 @@ def test_bad_settings_and_data_are_named(world, tmp_path):
     with pytest.raises(ValueError, match=r"pass_k values must be in 1..num_samples \(2\)"):
         EvalConfig(num_samples=2, pass_k=[4])
     bad = write_jsonl([{"prompt": "q", "answer": "1"}, {"prompt": "q", "answer": "2"}], tmp_path / "bad.jsonl")
-    with pytest.raises(ValueError, match=r"row 0 has no column\(s\) \['question'\].*\['answer', 'prompt'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['question'\] \(prompt_column\); the dataset has "
+                                         r"\['prompt', 'answer'\]"):
         evaluate(world["teacher"], str(bad), world["tokenizer"])
-    with pytest.raises(ValueError, match=r"row 1: column 'question' must be non-empty text"):
+    with pytest.raises(ValueError, match=r"row 1: column 'question': empty prompt"):
         evaluate(world["teacher"], [{"question": "q", "answer": "1"}, {"question": " ", "answer": "2"}],
                  world["tokenizer"])
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
@@ -159,6 +160,20 @@ def test_eval_leaves_the_global_rng_and_training_mode_alone(world):
     expected = torch.rand(3)
     torch.manual_seed(123)
     evaluate(model, [{"question": "Mia has two apples.", "answer": "2"}], world["tokenizer"], num_samples=2,
-             max_new_tokens=4)
+             max_completion_length=4)
     assert torch.equal(torch.rand(3), expected) and model.training
     model.eval()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "8"], "--max-new-tokens was renamed --max_completion_length"),
+    (["--question-column", "q"], "--question-column was renamed --prompt_column"),
+    (["--data", "x.jsonl"], "--data was renamed --dataset_name"),
+    (["--split", "train"], "--split was renamed --dataset_test_split"),
+    (["--num_sample", "2"], "unknown option --num_sample (did you mean '--num_samples'?)"),
+])
+def test_cli_names_renamed_and_unknown_options(argv, message, capsys):
+    """`h1rl eval` takes `--key value` for the keys of EvalArguments and EvalConfig (TRL's parser, as `h1rl grpo`);
+    an old name fails with the new one named, before anything loads."""
+    assert main(["--model", "nowhere", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -74,5 +74,5 @@ def test_demo_grpo_section_is_checked_at_load(tmp_path):
 
     with pytest.raises(ConfigError, match=r"grpo: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
         load_config(DemoConfig, find("demo_quick"), ["grpo.learning_rat=1e-4"])
-    cfg = load_config(DemoConfig, find("demo_quick"), ["grpo.learning_rate=3e-4", f"out_dir={tmp_path}"])
+    cfg = load_config(DemoConfig, find("demo_quick"), ["grpo.learning_rate=3e-4", f"output_dir={tmp_path}"])
     assert cfg.grpo["learning_rate"] == 3e-4

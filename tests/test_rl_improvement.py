@@ -21,7 +21,7 @@ from h1rl.rl.run import run_grpo
 
 
 def sampled_accuracy(model_dir, rows) -> float:
-    config = EvalConfig(num_samples=16, temperature=1.0, max_new_tokens=64, batch_size=len(rows), seed=123)
+    config = EvalConfig(num_samples=16, temperature=1.0, max_completion_length=64, batch_size=len(rows), seed=123)
     return evaluate(str(model_dir), rows, config=config)["accuracy"]
 
 

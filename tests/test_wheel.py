@@ -79,7 +79,7 @@ def test_wheel_installs_and_runs_the_demo_from_elsewhere(tmp_path):
     where = run([str(python), "-c", "import h1rl, h1rl.recipes as r; print(h1rl.__file__); print(r.find('grpo_math'))"],
                 cwd=elsewhere, env=env).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where  # the wheel's h1rl, not the checkout's
-    run([str(bin_dir / "h1rl"), "demo", "--quick", "--out_dir", "demo"], cwd=elsewhere, env=env, timeout=1800)
+    run([str(bin_dir / "h1rl"), "demo", "--quick", "--output_dir", "demo"], cwd=elsewhere, env=env, timeout=1800)
     out = elsewhere / "demo"
     assert (out / "report.md").read_text().startswith("# h1rl demo report")
     summary = json.loads((out / "results.json").read_text())["summary"]

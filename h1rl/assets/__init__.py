@@ -7,7 +7,9 @@ Everything here is written by `python scripts/build_assets.py` (deterministic fr
     h1rl/assets/teacher/metrics.json  how it was built and its measured accuracy on the test split
     h1rl/assets/data/test.jsonl       that test split (rows: question, solution, answer, expression, num_ops)
 
-The functions below give their paths, so nothing else hard-codes the layout.
+The functions below give their paths, so nothing else hard-codes the layout. Wherever a command takes a model (a
+directory or a hub name: `h1rl eval --model`, `h1rl convert --teacher`, a distillation's `model.teacher`), the name
+`bundled` means the bundled teacher (`model_path`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
+BUNDLED = "bundled"  # the name of the bundled teacher wherever a model directory or hub name is taken
 
 
 def tokenizer_dir() -> Path:
@@ -31,3 +34,8 @@ def held_out_path() -> Path:
 
 def teacher_metrics_path() -> Path:
     return teacher_dir() / "metrics.json"
+
+
+def model_path(name_or_path: str | Path) -> str:
+    """The bundled teacher's directory for `bundled`; any other directory or hub name as it is."""
+    return str(teacher_dir()) if str(name_or_path) == BUNDLED else str(name_or_path)

@@ -17,7 +17,8 @@ after its answer. The assistant part (and its `<|end|>`) sits inside `{% generat
 `add_generation_prompt=True` ends the prompt with `<|assistant|>\n`.
 
 `train_tokenizer(task_corpus())` builds one; `load_tokenizer()` loads the bundled one (package data,
-`h1rl/assets/tokenizer`).
+`h1rl/assets/tokenizer`), and `load_tokenizer(path_or_hub_name)` any other: the one tokenizer loader every command
+uses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, EOS = "<pad>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -92,14 +93,25 @@ def wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The bundled tokenizer (package data), or the one saved in `path`."""
-    from h1rl.assets import tokenizer_dir
-
-    where = Path(path) if path is not None else tokenizer_dir()
-    if not (where / "tokenizer.json").is_file():
-        hint = " (build the bundled assets with `python scripts/build_assets.py`)" if path is None else ""
-        raise FileNotFoundError(f"load_tokenizer: {where} has no tokenizer.json{hint}")
+def load_tokenizer(name_or_path: str | Path | None = None, padding_side: str | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """The one tokenizer loader of h1rl: the bundled tokenizer (no argument), or the tokenizer of a checkpoint
+    directory, a hub model, or `bundled` (the bundled teacher's). A tokenizer without a pad token gets its EOS as pad
+    (neither: an error); `padding_side`, when given, is set (distillation batches are right-padded)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(where))
+    from h1rl.assets import model_path, tokenizer_dir
+
+    where = Path(tokenizer_dir() if name_or_path is None else model_path(name_or_path))
+    local = where.exists() or where.is_absolute() or str(name_or_path).startswith(".")  # else: a hub name
+    if local and not ((where / "tokenizer.json").is_file() or (where / "tokenizer_config.json").is_file()):
+        hint = " (build the bundled assets with `python scripts/build_assets.py`)" if name_or_path is None else ""
+        raise FileNotFoundError(f"load_tokenizer: {where} has no tokenizer.json{hint}")
+    tokenizer = AutoTokenizer.from_pretrained(str(where))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {where} has neither a pad nor an EOS token; add a pad token to it")
+        tokenizer.pad_token = tokenizer.eos_token
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return tokenizer

@@ -3,7 +3,7 @@
 Modules: `config` (the typed run config and schedule check), `losses` (chunked reverse/forward KL, CE mix, hidden
 alignment), `swap` (attention -> MIL-initialised m2, layer skipping), `importance` (leave-one-out and MMR tables),
 `data` (texts / chat rows, padding, no packing), `trainer` (`DistillTrainer` on transformers' Trainer), `run`
-(`h1rl distill`: the resumable staged run), `toy` (a tiny teacher world) and `report` (the docs' KL figures).
+(`h1rl distill`: the resumable staged run) and `report` (the docs' KL figures, on the bundled teacher).
 See docs/distillation.md.
 """
 

@@ -2,7 +2,7 @@
 
 `DistillConfig` is the single source of truth: the YAML recipe maps onto it one to one through
 `h1rl.config_io.load_config` (unknown keys are errors naming the dotted key), and the run saves it, resolved, as
-`out_dir/resolved_config.yaml`. A recipe holds the whole staged plan as data, e.g.:
+`output_dir/resolved_config.yaml`. A recipe holds the whole staged plan as data, e.g.:
 
     stages:
       - {scorer: loo, num_layers: 2, max_steps: 200}                       # the 2 least important by leave-one-out
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 SCORERS = ("loo", "mmr")
 LOSS_KINDS = ("reverse_kl", "forward_kl")
@@ -35,7 +35,7 @@ RESERVED_TRAINER_ARGS = frozenset(
 
 @dataclass
 class ModelConfig:
-    teacher: str  # directory or hub name of the teacher (Llama / Mistral / Qwen2 / Qwen3 causal LM)
+    teacher: str  # directory or hub name of the teacher (Llama / Mistral / Qwen2 / Qwen3 causal LM), or `bundled`
     student: str | None = None  # optional starting hybrid checkpoint; default: the teacher converted, all "t"
     tokenizer: str | None = None  # default: the teacher's
     ssm_cfg: dict[str, Any] = field(default_factory=dict)  # m2 mixer settings (d_state, ...); MIL fixes d_inner/d_xb
@@ -48,14 +48,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str  # local .jsonl/.json/.parquet file, a directory of them, or a hub dataset name
-    split: str = "train"
-    text_field: str = "text"  # rows with this field are plain text
-    messages_field: str = "messages"  # rows with this field are chat conversations (tokenizer's chat template)
+    """The distillation data, read by `h1rl.data.loading` (the loader of `h1rl grpo` and `h1rl eval` too), with the
+    same names as there (TRL's where it has one)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "path": "dataset_name", "split": "dataset_train_split", "text_field": "dataset_text_field",
+        "messages_field": "messages_column", "calibration_path": "calibration_dataset_name",
+    }
+
+    dataset_name: str  # local .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset name
+    dataset_config: str | None = None  # a hub dataset's configuration name (e.g. GSM8K's "main")
+    dataset_train_split: str = "train"
+    dataset_text_field: str = "text"  # rows with this column are plain text (TRL's SFTConfig name)
+    messages_column: str = "messages"  # rows with this column are chat conversations (tokenizer's chat template)
+    # rows of a question and its worked solution (e.g. GSM8K's question / answer) become the conversation
+    # [system?, user: prompt_column, assistant: completion_column]; set both or neither
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    system_prompt: str | None = None  # the system message of conversations made from prompt / completion rows
     max_length: int = 1024  # tokens per sample; longer samples are truncated (never packed)
     assistant_only_loss: bool = False  # chat rows: loss on assistant tokens only ({% generation %} in the template)
     max_samples: int | None = None  # use the first N rows
-    calibration_path: str | None = None  # data for importance scores and stage metrics; default: `path`
+    calibration_dataset_name: str | None = None  # data for importance scores and stage metrics; default: dataset_name
     calibration_samples: int = 64  # first N rows of the calibration data
     calibration_batch_size: int = 8
 
@@ -63,6 +77,9 @@ class DataConfig:
         for name in ("max_length", "calibration_samples", "calibration_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ValueError("prompt_column and completion_column: set both (rows of a prompt and its completion "
+                             "become a conversation) or neither")
 
 
 @dataclass
@@ -99,15 +116,17 @@ class OnPolicyConfig:
     """Distillation on the student's own samples (GKD; `h1rl.distill.on_policy`). Needs chat rows with
     `data.assistant_only_loss` (the prompt is everything before the assistant turn)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"max_new_tokens": "max_completion_length"}
+
     fraction: float = 0.0  # share of optimizer steps whose completions the student samples (GKD's lambda); 0: off
-    max_new_tokens: int = 256  # completion cap of the samples (rows are still cut at data.max_length)
+    max_completion_length: int = 256  # completion cap of the samples (rows are still cut at data.max_length)
     temperature: float = 1.0  # sampling temperature of the student
 
     def __post_init__(self):
         if not 0 <= self.fraction <= 1:
             raise ValueError(f"fraction: must be in [0, 1], got {self.fraction}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length: must be >= 1, got {self.max_completion_length}")
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
 
@@ -193,7 +212,9 @@ class StageConfig:
 
 @dataclass
 class DistillConfig:
-    out_dir: str  # the run directory (resolved_config.yaml, importance/, stage_k/, manifest.json)
+    RENAMED: ClassVar[dict[str, str]] = {"out_dir": "output_dir"}
+
+    output_dir: str  # the run directory (resolved_config.yaml, importance/, stage_k/, manifest.json)
     model: ModelConfig
     data: DataConfig
     stages: list[StageConfig]

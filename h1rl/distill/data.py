@@ -1,9 +1,11 @@
-"""Distillation data: load rows (local json/jsonl/parquet or a hub dataset), tokenize texts or chat conversations,
-pad batches. Samples are never packed.
+"""Distillation data: rows (read by `h1rl.data.loading`: a local json/jsonl/parquet/csv file or a hub dataset),
+tokenized texts or chat conversations, padded batches. Samples are never packed.
 
-Each row holds either plain text (`data.text_field`, default "text"; the tokenizer's EOS is appended) or a chat
-conversation (`data.messages_field`, default "messages": a list of `{"role", "content"}`), rendered with the
-tokenizer's chat template (the teacher's reasoning traces, typically). A row becomes `input_ids`, `attention_mask`
+Each row holds either plain text (`data.dataset_text_field`, default "text"; the tokenizer's EOS is appended), a
+chat conversation (`data.messages_column`, default "messages": a list of `{"role", "content"}`; the teacher's
+reasoning traces, typically), or, with `data.prompt_column` and `data.completion_column`, a prompt and its
+completion (a question and its worked solution) made into the conversation [system?, user, assistant]. Conversations
+are rendered with the tokenizer's chat template. A row becomes `input_ids`, `attention_mask`
 and `labels` (= input_ids; with `assistant_only_loss`, -100 outside assistant turns, found through the template's
 `{% generation %}` markers as transformers and TRL do), truncated to `max_length`.
 
@@ -15,51 +17,36 @@ next: state runs along a row, and padding sits after the row's last real token (
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from h1rl.data.loading import chat_messages, load_rows
 from h1rl.distill.config import DataConfig
 
-_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-def load_rows(path: str, split: str = "train", max_samples: int | None = None) -> datasets.Dataset:
-    """Rows from a local file, a local directory of data files, or a hub dataset name (first `max_samples`)."""
-    local = Path(path)
-    if local.is_file():
-        if local.suffix not in _LOADERS:
-            raise ValueError(f"data file {path}: unsupported extension {local.suffix!r}; use one of {sorted(_LOADERS)}")
-        ds = datasets.load_dataset(_LOADERS[local.suffix], data_files=str(local), split="train")
-    elif local.is_dir():
-        ds = datasets.load_dataset(str(local), split=split)
-    else:
-        ds = datasets.load_dataset(path, split=split)
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
-    if len(ds) == 0:
-        raise ValueError(f"data {path} (split {split!r}) has no rows")
-    return ds
 
 
 def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, config: DataConfig, where: str) -> dict:
     """One row -> `{"input_ids", "attention_mask", "labels"}` lists (see the module docstring); `where` names the
     row in errors."""
-    text, messages = row.get(config.text_field), row.get(config.messages_field)
+    if config.prompt_column is not None:
+        messages = chat_messages(row, config.prompt_column, config.completion_column, config.system_prompt, where)
+        text = None
+    else:
+        text, messages = row.get(config.dataset_text_field), row.get(config.messages_column)
     if text is not None:
         if config.assistant_only_loss:
-            raise ValueError(f"{where}: assistant_only_loss needs chat rows ({config.messages_field!r}), got text")
+            raise ValueError(f"{where}: assistant_only_loss needs chat rows ({config.messages_column!r}), got text")
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         labels = list(ids)
     elif messages is not None:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError(f"{where}: {config.messages_field!r} must be a list of {{'role', 'content'}} messages")
+            raise ValueError(f"{where}: {config.messages_column!r} must be a list of {{'role', 'content'}} messages")
         out = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=config.assistant_only_loss
         )
@@ -70,8 +57,9 @@ def tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, config
             labels = list(ids)
     else:
         raise ValueError(
-            f"{where}: has neither {config.text_field!r} nor {config.messages_field!r} "
-            f"(columns: {sorted(row)}; set data.text_field or data.messages_field)"
+            f"{where}: has neither {config.dataset_text_field!r} nor {config.messages_column!r} "
+            f"(columns: {sorted(row)}; set data.dataset_text_field, data.messages_column, or data.prompt_column and "
+            "data.completion_column)"
         )
     ids, labels = ids[: config.max_length], labels[: config.max_length]
     if not ids:
@@ -88,7 +76,7 @@ def build_dataset(
             "data.assistant_only_loss needs a chat template with {% generation %} ... {% endgeneration %} around "
             "assistant content; the tokenizer's template has none (set data.assistant_only_loss=false)"
         )
-    rows = load_rows(path, config.split, max_samples)
+    rows = load_rows(path, config.dataset_train_split, config.dataset_config, max_samples, where="data")
 
     def tokenize(row, idx):
         return tokenize_row(row, tokenizer, config, f"data {path} row {idx}")

@@ -9,7 +9,7 @@
 to MIL-initialised m2 mixers, measure the KL to the teacher, distill for `max_steps` with `DistillTrainer`, save a
 Hugging Face checkpoint and a manifest, measure again.
 
-Run directory (`out_dir`):
+Run directory (`output_dir`):
 
     resolved_config.yaml            the config as run: file + overrides, defaults filled in
     importance/stage_K_{loo,mmr}.json   ranked importance tables (also printed)
@@ -20,9 +20,10 @@ Run directory (`out_dir`):
     manifest.json                   all completed stages' manifests and the current layout
 
 Resume: run the same command again. Stages with a `manifest.json` are not redone; the current stage reuses its
-`swap.json` (no rescoring) and continues from its last `checkpoint-*` (weights, optimizer, scheduler, step counter,
-data position: the Trainer's own resume). A rerun with a different config in the same `out_dir` is refused, naming
-the keys that changed. Stage K is numbered from 1 in directories and messages (`stages.K-1` in the config).
+`swap.json` (no rescoring) and continues from its last complete `checkpoint-*` (weights, optimizer, scheduler, step
+counter, data position: the Trainer's own resume; `h1rl.checkpoints`, the policy of `h1rl grpo` too). A rerun with a
+different config in the same `output_dir` is refused, naming the keys that changed. Stage K is numbered from 1 in
+directories and messages (`stages.K-1` in the config).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from h1rl.config_io import ConfigError, diff_keys, import_object, load_config, parse_yaml, save_config, to_dict
+from h1rl.assets import model_path
+from h1rl.checkpoints import last_complete_checkpoint, record_config
+from h1rl.config_io import ConfigError, import_object, load_config, to_dict
+from h1rl.data.tokenizer import load_tokenizer
 from h1rl.distill.config import DistillConfig, StageConfig, check_schedule, scorer_candidates
 from h1rl.distill.data import build_dataset, calibration_batches, make_collator
 from h1rl.distill.importance import choose, format_table, loo_table, mmr_table, write_table
@@ -82,18 +85,19 @@ class _Run:
 def run_distillation(
     config: DistillConfig, callbacks: list[TrainerCallback] | None = None, eval_fn: EvalFn | None = None
 ) -> dict[str, Any]:
-    """Run (or resume) every stage of `config`; returns the run manifest (also in `out_dir/manifest.json`).
+    """Run (or resume) every stage of `config`; returns the run manifest (also in `output_dir/manifest.json`).
 
     `callbacks`: extra Trainer callbacks for the stages (not the MMR probes). `eval_fn(model, teacher, batches) ->
     float`: replaces the importance metric (`importance.eval_fn` names one in the config).
     """
-    out = Path(config.out_dir)
+    out = Path(config.output_dir)
     prepare_training_kwargs(config.training.deepspeed)  # before anything asks for the accelerate state
     main_process = PartialState().is_main_process
     dtype = getattr(torch, config.model.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    teacher_config = AutoConfig.from_pretrained(config.model.teacher)
+    teacher_path = model_path(config.model.teacher)
+    teacher_config = AutoConfig.from_pretrained(teacher_path)
     start_layout = (
         list(AutoConfig.from_pretrained(config.model.student).hybrid_block_layout)
         if config.model.student
@@ -103,15 +107,16 @@ def run_distillation(
         check_schedule(config.stages, start_layout)
     except ValueError as err:
         raise ConfigError(f"schedule: {err}") from err
-    _check_or_save_config(config, out, main_process)
+    record_config(out, to_dict(config), main_process, refuse_changes=True)
 
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(config.model.teacher, dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(config.model.tokenizer or teacher_path, padding_side="right")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device).eval()
     teacher.requires_grad_(False)
     data = config.data
     collator = make_collator(tokenizer)
-    train_ds = build_dataset(data.path, tokenizer, data, data.max_samples)
-    calib_ds = build_dataset(data.calibration_path or data.path, tokenizer, data, data.calibration_samples)
+    train_ds = build_dataset(data.dataset_name, tokenizer, data, data.max_samples)
+    calib_ds = build_dataset(data.calibration_dataset_name or data.dataset_name, tokenizer, data,
+                             data.calibration_samples)
     batches = calibration_batches(calib_ds, collator, data.calibration_samples, data.calibration_batch_size)
     if eval_fn is None and config.importance.eval_fn:
         eval_fn = import_eval_fn(config.importance.eval_fn)
@@ -213,8 +218,8 @@ def _distill(run: _Run, k: int, stage: StageConfig, student: HybridForCausalLM, 
         on_policy=config.on_policy,
         callbacks=callbacks,
     )
-    last = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
-    result = trainer.train(resume_from_checkpoint=last)
+    last = last_complete_checkpoint(stage_dir)
+    result = trainer.train(resume_from_checkpoint=None if last is None else str(last))
     set_trainable(student, mamba_only=False)
     trainer.save_model(str(stage_dir / "final"))
     kl_after = run.kl(student)
@@ -247,17 +252,6 @@ def _distill(run: _Run, k: int, stage: StageConfig, student: HybridForCausalLM, 
 
 def _stage_lr(config: DistillConfig, stage: StageConfig) -> float:
     return stage.learning_rate if stage.learning_rate is not None else config.training.learning_rate
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The teacher's tokenizer, right-padded (the pad token falls back to EOS)."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {name} has neither a pad nor an EOS token; add a pad token to it")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 def initial_student(config: DistillConfig, teacher, dtype: torch.dtype) -> HybridForCausalLM:
@@ -310,19 +304,6 @@ def _same_on_all_processes(layers: list[int]) -> list[int]:
     return layers
 
 
-def _check_or_save_config(config: DistillConfig, out: Path, main_process: bool) -> None:
-    saved = out / "resolved_config.yaml"
-    if saved.is_file():
-        changed = diff_keys(parse_yaml(saved.read_text()), to_dict(config))
-        if changed:
-            raise ConfigError(
-                f"{out} holds a run started with a different config ({', '.join(changed)} changed; see {saved}); "
-                "resume with the same config or choose another out_dir"
-            )
-    elif main_process:
-        save_config(config, saved)
-
-
 def _run_manifest(config: DistillConfig, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     done = len(manifests) == len(config.stages)
     return {
@@ -373,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"h1rl distill: error: {err}", file=sys.stderr)
         return 2
     print(f"h1rl distill: {manifest['completed_stages']}/{manifest['total_stages']} stages done; layout "
-          f"{','.join(manifest['layout'])}; checkpoint {Path(config.out_dir) / manifest['final_checkpoint']}")
+          f"{','.join(manifest['layout'])}; checkpoint {Path(config.output_dir) / manifest['final_checkpoint']}")
     return 0
 
 

@@ -284,7 +284,7 @@ class DistillTrainer(Trainer):
             for m, batch in enumerate(batches):
                 rows = batch["input_ids"].shape[0]
                 params = SamplingParams(
-                    max_new_tokens=self.on_policy.max_new_tokens,
+                    max_new_tokens=self.on_policy.max_completion_length,
                     temperature=self.on_policy.temperature,
                     stop_token_ids=self._stop_ids,
                     seed=sampling_seed(self.args.seed, step, m),

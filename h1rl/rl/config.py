@@ -68,7 +68,14 @@ class GRPOScriptArguments:
     answer_column: str = field(
         default="answer",
         metadata={"help": "Column handed to the rewards as the reference answer (the accuracy reward compares "
-                          "against it). Default answer. h1rl."},
+                          "against it), after `answer_format` extracted it. Default answer. h1rl."},
+    )
+    answer_format: str = field(
+        default="auto",
+        metadata={"help": "How the reference answer is read from `answer_column`: gsm8k (a solution ending '#### N'), "
+                          "boxed (MATH: the last \\boxed{...}), plain (the answer itself), or auto (gsm8k if the text "
+                          "has '####', else boxed if it has a \\boxed{}, else plain). Default auto. h1rl "
+                          "(h1rl.data.loading).", "choices": ["auto", "gsm8k", "boxed", "plain"]},
     )
     system_prompt: str | None = field(
         default=None,

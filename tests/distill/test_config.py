@@ -67,7 +67,7 @@ def test_later_explicit_layers_are_reserved():
     ],
 )
 def test_bad_fields_name_the_key(override, message):
-    data = {"out_dir": "x", "model": {"teacher": "t"}, "data": {"path": "d"},
+    data = {"output_dir": "x", "model": {"teacher": "t"}, "data": {"dataset_name": "d"},
             "stages": [{"scorer": "loo", "num_layers": 1, "max_steps": 3}]}
     with pytest.raises(ConfigError) as err:
         load_config(DistillConfig, data=data, overrides=[override])

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from h1rl.data.tokenizer import load_tokenizer
 from h1rl.distill.config import DataConfig, LossConfig
 from h1rl.distill.data import build_dataset, calibration_batches, make_collator
 from h1rl.distill.importance import choose, format_table, loo_table, mmr_table, write_table
-from h1rl.distill.run import load_tokenizer
 from h1rl.distill.swap import skip_layer
 from h1rl.distill.trainer import batch_loss, evaluate_metric
 from h1rl.models.convert import convert_teacher
@@ -19,10 +19,10 @@ from h1rl.models.convert import convert_teacher
 
 @pytest.fixture
 def world(toy_world):
-    tok = load_tokenizer(toy_world["teacher"])
+    tok = load_tokenizer(toy_world["teacher"], padding_side="right")
     teacher = AutoModelForCausalLM.from_pretrained(toy_world["teacher"]).eval()
     student = convert_teacher(teacher, ["t", "t", "m2", "t"], ssm_cfg={"d_state": 16}, seed=0).eval()
-    data = DataConfig(path=toy_world["calib"], max_length=48)
+    data = DataConfig(dataset_name=toy_world["calib"], max_length=64)
     batches = calibration_batches(build_dataset(toy_world["calib"], tok, data), make_collator(tok), 8, 8)
     return teacher, student, batches
 

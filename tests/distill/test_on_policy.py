@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from h1rl.data.tokenizer import load_tokenizer
 from h1rl.distill.config import DataConfig, LossConfig, OnPolicyConfig, TrainingConfig
 from h1rl.distill.data import build_dataset, make_collator
 from h1rl.distill.on_policy import is_on_policy_step, sampling_seed, split_prompts, student_batch
-from h1rl.distill.run import load_tokenizer
 from h1rl.distill.trainer import DistillTrainer, training_arguments
 from h1rl.eval import stop_token_ids
 from h1rl.models.convert import convert_teacher
@@ -23,10 +23,10 @@ from h1rl.rollout import RolloutEngine, SamplingParams
 
 @pytest.fixture
 def world(toy_world):
-    tok = load_tokenizer(toy_world["teacher"])
+    tok = load_tokenizer(toy_world["teacher"], padding_side="right")
     teacher = AutoModelForCausalLM.from_pretrained(toy_world["teacher"]).eval()
     student = convert_teacher(teacher, ["t", "m2", "t", "m2"], ssm_cfg={"d_state": 16}, seed=0)
-    data = DataConfig(path=toy_world["train"], max_length=48, assistant_only_loss=True)
+    data = DataConfig(dataset_name=toy_world["train"], max_length=64, assistant_only_loss=True)
     ds = build_dataset(toy_world["train"], tok, data)
     return tok, teacher, student, ds, data
 
@@ -71,7 +71,7 @@ def test_student_batch_holds_the_students_own_completions(world):
     prompts = split_prompts(batch)
     stops = stop_token_ids(student, tok)
     params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=stops)
-    new, stats = student_batch(student, batch, params, tok, max_length=48)
+    new, stats = student_batch(student, batch, params, tok, max_length=64)
 
     sampled = [i for i in range(6) if i != 2]
     expected = RolloutEngine(student, tok.pad_token_id).generate([prompts[i] for i in sampled], 1, params)
@@ -89,12 +89,12 @@ def test_student_batch_holds_the_students_own_completions(world):
 
     # sampled (T = 1) rows: reproducible under the seed, different under another, cut at max_length
     sampling = SamplingParams(max_new_tokens=40, temperature=1.0, stop_token_ids=stops, seed=3)
-    a, _ = student_batch(student, batch, sampling, tok, max_length=20)
-    b, _ = student_batch(student, batch, sampling, tok, max_length=20)
+    a, _ = student_batch(student, batch, sampling, tok, max_length=40)
+    b, _ = student_batch(student, batch, sampling, tok, max_length=40)
     sampling.seed = 4
-    c, _ = student_batch(student, batch, sampling, tok, max_length=20)
+    c, _ = student_batch(student, batch, sampling, tok, max_length=40)
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["input_ids"], c["input_ids"])
-    assert a["input_ids"].shape[1] <= 20
+    assert a["input_ids"].shape[1] <= 40
 
 
 def test_trainer_trains_on_student_samples(world, tmp_path, monkeypatch):
@@ -110,10 +110,10 @@ def test_trainer_trains_on_student_samples(world, tmp_path, monkeypatch):
     args = training_arguments(TrainingConfig(per_device_train_batch_size=4, logging_steps=2,
                                              lr_scheduler_type="constant"), str(tmp_path / "out"), 6, 5e-4,
                               save=False, disable_tqdm=True)
-    on_policy = OnPolicyConfig(fraction=0.5, max_new_tokens=16)
+    on_policy = OnPolicyConfig(fraction=0.5, max_completion_length=16)
     trainer = DistillTrainer(model=student, args=args, train_dataset=ds, data_collator=make_collator(tok),
                              processing_class=tok, teacher=teacher, loss_config=LossConfig(chunk_size=8),
-                             pad_length=48, on_policy=on_policy)
+                             pad_length=64, on_policy=on_policy)
     data_rows = {tuple(ds[i]["input_ids"]) for i in range(len(ds))}
     trainer.train()
     chosen = [is_on_policy_step(on_policy, args.seed, s) for s in range(6)]
@@ -158,7 +158,7 @@ def test_resumed_run_samples_and_trains_as_an_uninterrupted_one(world, tmp_path)
                                   str(out), steps, 5e-4, disable_tqdm=True)
         return DistillTrainer(model=student, args=args, train_dataset=ds, data_collator=make_collator(tok),
                               processing_class=tok, teacher=teacher, loss_config=LossConfig(chunk_size=8),
-                              pad_length=48, on_policy=OnPolicyConfig(fraction=0.5, max_new_tokens=16)), student
+                              pad_length=64, on_policy=OnPolicyConfig(fraction=0.5, max_completion_length=16)), student
 
     whole, whole_student = trainer(tmp_path / "whole", 6)
     whole.train()

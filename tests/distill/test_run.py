@@ -1,4 +1,4 @@
-"""`h1rl distill` end to end on the toy teacher: staged layouts, KL drops, manifests, resume, bad schedules."""
+"""`h1rl distill` end to end on the bundled teacher: staged layouts, KL drops, manifests, resume, bad schedules."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_two_stage_distillation_via_cli(write_recipe, tmp_path, capsys):
 @pytest.mark.parametrize("stage", ["stage_1", "stage_2"])
 def test_resume_after_interruption_continues(make_config, tmp_path, stage):
     cfg = make_config([{"layers": [1], "max_steps": 8}, {"layers": [3], "max_steps": 12}])
-    out = Path(cfg.out_dir)
+    out = Path(cfg.output_dir)
     with pytest.raises(Interrupted):
         run_distillation(cfg, callbacks=[InterruptAt(stage, 6)])
     stage_dir = out / stage
@@ -129,7 +129,7 @@ def test_cli_rejects_bad_schedules_before_training(write_recipe, tmp_path, capsy
     assert main(["--config", str(recipe), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("h1rl distill: error: ")
-    assert not (tmp_path / "run").exists()  # nothing written: a corrected rerun in the same out_dir starts cleanly
+    assert not (tmp_path / "run").exists()  # nothing written: a corrected rerun in the same output_dir starts cleanly
 
 
 def test_eval_fn_import():

@@ -11,10 +11,10 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
+from h1rl.data.tokenizer import load_tokenizer
 from h1rl.distill.config import DataConfig, LossConfig, TrainingConfig
 from h1rl.distill.data import build_dataset, calibration_batches, make_collator
 from h1rl.distill.losses import FLOAT32_BYTES, chunk_temporaries, distill_loss
-from h1rl.distill.run import load_tokenizer
 from h1rl.distill.trainer import (
     DistillTrainer,
     batch_loss,
@@ -26,19 +26,20 @@ from h1rl.distill.trainer import (
 from h1rl.models.convert import convert_teacher
 
 
-def setup(toy_world, tmp_path, loss: LossConfig, steps: int, freeze: bool = False, batch: int = 8, **training):
-    tok = load_tokenizer(toy_world["teacher"])
+def setup(toy_world, tmp_path, loss: LossConfig, steps: int, freeze: bool = False, batch: int = 8, lr: float = 5e-4,
+          **training):
+    tok = load_tokenizer(toy_world["teacher"], padding_side="right")
     teacher = AutoModelForCausalLM.from_pretrained(toy_world["teacher"]).eval()
     student = convert_teacher(teacher, ["t", "m2", "t", "m2"], ssm_cfg={"d_state": 16}, seed=0)
-    data = DataConfig(path=toy_world["train"], max_length=48)
+    data = DataConfig(dataset_name=toy_world["train"], max_length=64)
     ds = build_dataset(toy_world["train"], tok, data)
     calib = calibration_batches(build_dataset(toy_world["calib"], tok, data), make_collator(tok), 16, 16)
     set_trainable(student, mamba_only=freeze)
     args = training_arguments(TrainingConfig(per_device_train_batch_size=batch, logging_steps=5,
                                              lr_scheduler_type="constant", **training), str(tmp_path / "out"), steps,
-                              5e-4, save=False, disable_tqdm=True)
+                              lr, save=False, disable_tqdm=True)
     trainer = DistillTrainer(model=student, args=args, train_dataset=ds, data_collator=make_collator(tok),
-                             processing_class=tok, teacher=teacher, loss_config=loss, pad_length=48)
+                             processing_class=tok, teacher=teacher, loss_config=loss, pad_length=64)
     return trainer, student, teacher, calib
 
 
@@ -66,11 +67,13 @@ def test_distillation_lowers_kl_and_keeps_teacher_frozen(toy_world, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(toy_world, tmp_path):
     """The loss is a mean over the step's target tokens, not a mean of per-micro-batch means: 2 x 4 rows == 8 rows
-    (the same normalisation makes N processes train like one, see tests/distributed)."""
+    (the same normalisation makes N processes train like one, see tests/distributed). SGD: Adam's normalised step
+    turns last-bit differences of near-zero gradients into full-size ones."""
     loss = LossConfig(kind="reverse_kl", ce_weight=0.5, chunk_size=8)
-    big, big_student, _, _ = setup(toy_world, tmp_path / "big", loss, steps=2, batch=8)
+    sgd = {"lr": 0.05, "trainer_args": {"optim": "sgd"}}
+    big, big_student, _, _ = setup(toy_world, tmp_path / "big", loss, steps=2, batch=8, **sgd)
     small, small_student, _, _ = setup(toy_world, tmp_path / "small", loss, steps=2, batch=4,
-                                       gradient_accumulation_steps=2)
+                                       gradient_accumulation_steps=2, **sgd)
     start = snapshot(big_student)
     assert all(torch.equal(v, small_student.state_dict()[k]) for k, v in start.items())
     big.train()
@@ -273,7 +276,7 @@ def test_hidden_loss_refuses_left_padded_rows():
 
 def test_chunk_count_follows_the_configured_batch_not_the_micro_batch(toy_world, tmp_path):
     """The Trainer sizes the loss chunks for training.per_device_train_batch_size (8) and pads them to pad_length
-    (48): a last micro-batch of 3 shorter rows calls the LM heads as often as a full one (ZeRO-3 gathers them)."""
+    (64): a last micro-batch of 3 shorter rows calls the LM heads as often as a full one (ZeRO-3 gathers them)."""
     vocab = AutoModelForCausalLM.from_pretrained(toy_world["teacher"]).config.vocab_size
     loss = LossConfig(chunk_bytes=chunk_temporaries(LossConfig()) * 8 * vocab * FLOAT32_BYTES * 5)  # 5 positions
     trainer, student, teacher, _ = setup(toy_world, tmp_path, loss, steps=1)
@@ -287,7 +290,7 @@ def test_chunk_count_follows_the_configured_batch_not_the_micro_batch(toy_world,
         calls.clear()
         trainer.compute_loss(trainer.model, batch)
         counts.append(len(calls))
-    assert full["input_ids"].shape[0] == 8 and counts == [1 + math.ceil(48 / 5)] * 2  # 1: the forward's last logits
+    assert full["input_ids"].shape[0] == 8 and counts == [1 + math.ceil(64 / 5)] * 2  # 1: the forward's last logits
 
 
 def test_right_padded_batches_reach_the_models_without_a_mask():

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from h1rl.config_io import ConfigError
 from h1rl.rl.config import parse_grpo_args
-from h1rl.rl.run import build_rewards, last_complete_checkpoint, load_prompts, run_grpo
+from h1rl.rl.run import build_rewards, load_prompts, run_grpo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,7 +129,8 @@ def test_missing_columns_are_named(tmp_path):
     model, data = make_assets(tmp_path)
     args = parse_grpo_args(["--config", str(recipe(tmp_path, model, data, tmp_path / "run")), "--answer_column",
                             "solution"])
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['solution'\].*\['question', 'answer'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['solution'\] \(answer_column\); the dataset has "
+                                         r"\['question', 'answer'\]"):
         load_prompts(args.script)
 
 
@@ -141,6 +142,20 @@ def test_prompts_become_chat_messages(tmp_path):
     system, user = {"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 0 + 0"}
     assert dataset[0]["prompt"] == [system, user]
     assert dataset[3]["answer"] == "6"
+
+
+def test_gsm8k_and_math_answers_are_extracted(tmp_path):
+    """The answer column of the hub's math datasets holds a worked solution: GSM8K's ends in `#### N`, MATH's holds a
+    `\\boxed{}`; the rewards get the answer alone (`answer_format`, default auto)."""
+    model, _ = make_assets(tmp_path)
+    rows = [{"question": "q1", "answer": "4 + 4 = <<4+4=8>>8 apples.\n#### 8"},
+            {"question": "q2", "answer": "So $x = \\boxed{\\frac{1}{2}}$."}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = recipe(tmp_path, model, data, tmp_path / "run")
+    assert load_prompts(parse_grpo_args(["--config", str(path)]).script)["answer"] == ["8", "\\frac{1}{2}"]
+    with pytest.raises(ValueError, match=r"row 1: column 'answer' has no '#### N' answer \(answer_format gsm8k\)"):
+        load_prompts(parse_grpo_args(["--config", str(path), "--answer_format", "gsm8k"]).script)
 
 
 def test_resuming_with_a_changed_config_logs_the_changed_keys(tmp_path, caplog):
@@ -157,14 +172,6 @@ def test_resuming_with_a_changed_config_logs_the_changed_keys(tmp_path, caplog):
         assert run_grpo(parse_grpo_args(["--config", str(path), "--learning_rate", "0.02"])) is None
     assert "with a changed config: learning_rate" in caplog.text and "nothing to do" in caplog.text
     assert yaml.safe_load((out / "resolved_config.yaml").read_text())["learning_rate"] == 0.02
-
-
-def test_incomplete_checkpoints_are_skipped(tmp_path):
-    for step, state in ((1, "{}"), (2, "{}"), (3, '{"trunc')):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
-    (tmp_path / "checkpoint-4").mkdir()  # killed before trainer_state.json
-    assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
 
 
 def run_cli(config: Path, *flags: str, kill_when: Path | None = None) -> int:

@@ -231,14 +231,19 @@ def test_processes_with_different_data_stay_in_step(tmp_path, stage):
 
 
 def test_distillation_zero2_two_processes_match_one(tmp_path):
-    from h1rl.distill.toy import write_toy_world
+    from h1rl.assets import teacher_dir
+    from h1rl.data import ArithmeticTask, to_chat, write_jsonl
 
     torch.set_num_threads(1)
-    toy = write_toy_world(tmp_path / "toy", steps=60, n_train=64, n_calib=16)
+    task = ArithmeticTask(1, seed=0)  # the bundled teacher on short arithmetic chats
+    chats = {split: [{"messages": to_chat(r)} for r in task.generate(n, split)] for split, n in (("train", 64),
+                                                                                                    ("test", 16))}
+    toy = {"teacher": str(teacher_dir()), "train": write_jsonl(chats["train"], tmp_path / "train.jsonl"),
+           "calib": write_jsonl(chats["test"], tmp_path / "calib.jsonl")}
     recipe = {
-        "out_dir": str(tmp_path / "unset"),
+        "output_dir": str(tmp_path / "unset"),
         "model": {"teacher": toy["teacher"], "ssm_cfg": {"d_state": 16}},
-        "data": {"path": toy["train"], "calibration_path": toy["calib"], "max_length": 48,
+        "data": {"dataset_name": str(toy["train"]), "calibration_dataset_name": str(toy["calib"]), "max_length": 64,
                  "calibration_samples": 16, "calibration_batch_size": 16},
         "loss": {"chunk_size": 16, "ce_weight": 0.5},
         "training": {"per_device_train_batch_size": 8, "learning_rate": 0.2, "logging_steps": 1, "save_steps": 100,
@@ -247,10 +252,10 @@ def test_distillation_zero2_two_processes_match_one(tmp_path):
     }
     path = tmp_path / "distill.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    single("distill", path, "--out_dir", str(tmp_path / "single"))
+    single("distill", path, "--output_dir", str(tmp_path / "single"))
     reference = hf_params(tmp_path / "single" / "stage_1" / "final")
-    ranks = launch("distill", path, tmp_path / "report", "--out_dir", str(tmp_path / "zero2"), "--training.deepspeed",
-                   "zero2", "--training.per_device_train_batch_size", "4")  # 2 processes x 4 = the global batch
+    ranks = launch("distill", path, tmp_path / "report", "--output_dir", str(tmp_path / "zero2"),  # 2 processes
+                   "--training.deepspeed", "zero2", "--training.per_device_train_batch_size", "4")  # x 4 = the batch
     check_ranks(ranks, reference, start=hf_params(Path(toy["teacher"])))  # attention layers start as the teacher's
     saved = hf_params(tmp_path / "zero2" / "stage_1" / "final")
     for name, value in saved.items():
