@@ -94,6 +94,25 @@ def test_distillation_data_choice(tmp_path):
     for choice in ("teacher_traces", "solutions"):
         cfg = resolve(load_config(DemoConfig, find("demo_quick"), [f"output_dir={tmp_path}",
                                                                               f"distill_data={choice}"]))
-        assert cfg.distill.data.path == str(tmp_path / "data" / f"distill_{choice}.jsonl")
+        assert cfg.distill.data.dataset_name == str(tmp_path / "data" / f"distill_{choice}.jsonl")
     with pytest.raises(ValueError, match="distill_data: expected one of teacher_traces, solutions, got 'gold'"):
         load_config(DemoConfig, find("demo_quick"), ["distill_data=gold"])
+
+
+def test_old_names_name_the_new_ones(capsys):
+    """`out_dir` became `output_dir` (TRL's name, as in every h1rl config); the old key fails naming the new one."""
+    from h1rl.config_io import ConfigError, load_config
+    from h1rl.demo import DemoConfig
+    from h1rl.recipes import find
+
+    with pytest.raises(ConfigError, match="key 'out_dir' was renamed 'output_dir'"):
+        load_config(DemoConfig, find("demo_quick"), ["out_dir=x"])
+    with pytest.raises(ConfigError, match="key 'distill.data.path' was renamed 'distill.data.dataset_name'"):
+        load_config(DemoConfig, find("demo_quick"), ["distill.data.path=x"])
+    with pytest.raises(ConfigError, match="key 'eval.max_new_tokens' was renamed 'eval.max_completion_length'"):
+        load_config(DemoConfig, find("demo_quick"), ["eval.max_new_tokens=8"])
+    with pytest.raises(ValueError, match="teacher: 'auto' is now 'bundled'"):
+        load_config(DemoConfig, find("demo_quick"), ["teacher=auto"])
+    with pytest.raises(SystemExit) as exited:
+        main(["--quick", "--out_dir", "x"])
+    assert exited.value.code == 2 and "was renamed 'output_dir'" in capsys.readouterr().err
