@@ -28,18 +28,31 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
-    if args.old_out is not None or args.output_dir is None:
+    if args.old_out is not None or (args.output_dir is None and not args.dry_run):
         why = "--out was renamed --output_dir" if args.old_out is not None else "--output_dir is required"
         print(f"h1rl convert: error: {why}", file=sys.stderr)
         return 2
+    from pathlib import Path
+
     from h1rl.assets import model_path
     from h1rl.log import setup_logging
-    from h1rl.models.convert import convert_to_directory
 
     setup_logging()
     ssm_cfg = json.loads(args.ssm_cfg) if args.ssm_cfg else None
-    out = convert_to_directory(model_path(args.teacher), args.layout, args.output_dir, ssm_cfg=ssm_cfg,
-                               dtype=args.dtype)
+    if args.dry_run:  # the hybrid's config and size from the teacher's config; no weights (h1rl.dry_run)
+        from h1rl.dry_run import convert_plan
+
+        print(convert_plan(args.teacher, args.layout, ssm_cfg).text())
+        return 0
+    from h1rl.models.convert import convert_to_directory
+
+    teacher = model_path(args.teacher)
+    if not Path(teacher).is_dir():  # a hub name: its files, downloaded once into the Hugging Face cache
+        from huggingface_hub import snapshot_download
+
+        teacher = snapshot_download(teacher, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                             "*.jinja"])
+    out = convert_to_directory(teacher, args.layout, args.output_dir, ssm_cfg=ssm_cfg, dtype=args.dtype)
     print(f"hybrid checkpoint written to {out}")
     return 0
 
@@ -87,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", dest="old_out", default=None, help=argparse.SUPPRESS)  # renamed --output_dir
     p.add_argument("--ssm-cfg", default=None, help='JSON overrides of ssm_cfg, e.g. \'{"d_state": 16}\'')
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dry-run", action="store_true", help="print the hybrid's size from the teacher's config only")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("bench", help="print speed measurements (side by side, one run)")

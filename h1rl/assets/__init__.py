@@ -7,6 +7,10 @@ Everything here is written by `python scripts/build_assets.py` (deterministic fr
     h1rl/assets/teacher/metrics.json  how it was built and its measured accuracy on the test split
     h1rl/assets/data/test.jsonl       that test split (rows: question, solution, answer, expression, num_ops)
 
+and, written by hand for the recipes' dry runs (`h1rl.dry_run`): `h1rl/assets/data/samples/<org>--<name>.jsonl`, a few
+rows in the columns and answer format of the hub dataset `org/name` (GSM8K's `#### N`, MATH's `\boxed{}`), written
+for h1rl, not copied from the datasets.
+
 The functions below give their paths, so nothing else hard-codes the layout. Wherever a command takes a model (a
 directory or a hub name: `h1rl eval --model`, `h1rl convert --teacher`, a distillation's `model.teacher`), the name
 `bundled` means the bundled teacher (`model_path`).
@@ -30,6 +34,10 @@ def teacher_dir() -> Path:
 
 def held_out_path() -> Path:
     return ASSETS / "data" / "test.jsonl"
+
+
+def samples_dir() -> Path:
+    return ASSETS / "data" / "samples"
 
 
 def teacher_metrics_path() -> Path:

@@ -665,16 +665,24 @@ def _gib(nbytes: float) -> str:
 def build_models(shape: Shape, gradient_checkpointing: bool = True):
     """The student (h1rl hybrid, TRL's fused head added) and the teacher (transformers' Mistral), in bf16, built on
     fake tensors: call inside a `FakeTensorMode`."""
-    from transformers import MistralForCausalLM
+    return models_from_configs(hybrid_config(shape), teacher_config(shape), gradient_checkpointing)
+
+
+def models_from_configs(student_config, teacher_config=None, gradient_checkpointing: bool = True):
+    """`build_models` for any hybrid config and teacher config (any transformers causal LM; None: no teacher), as the
+    recipes' dry runs use it (`h1rl.dry_run`)."""
+    from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     from h1rl.models import HybridForCausalLM
 
-    student = HybridForCausalLM._from_config(hybrid_config(shape), dtype=torch.bfloat16)
+    student = HybridForCausalLM._from_config(student_config, dtype=torch.bfloat16)
     if gradient_checkpointing:
         student.activation_checkpointing_enable()  # what gradient_checkpointing_enable calls (non-reentrant)
     add_fused_lm_head(student, temperature=1.0, outputs=("log_probs", "entropy"))  # as GRPOTrainer.__init__
-    teacher = MistralForCausalLM._from_config(teacher_config(shape), dtype=torch.bfloat16)
+    teacher = None
+    if teacher_config is not None:  # sdpa: the fused-kernel path the measurement stands in
+        teacher = AutoModelForCausalLM.from_config(teacher_config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return student, teacher
 
 

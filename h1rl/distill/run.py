@@ -3,6 +3,7 @@
     h1rl distill --config distill_tiny                     # a bundled recipe by name, or a YAML file's path
     h1rl distill --config distill_tiny --stages.1.max_steps 50 --training.learning_rate 5e-4
     h1rl distill --help                                    # every key, with its default and meaning
+    h1rl distill --config distill_qwen3_1p7b --dry-run     # check and plan: layouts, data, memory; no weights
 
 `run_distillation(config)` is the library entry point. For each stage of `config.stages`: choose the layers to swap
 (explicit list, or the best `num_layers` of a LOO / MMR importance table computed on the current student), swap them
@@ -345,10 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="recipe: a bundled name (h1rl recipes) or a YAML file")
     parser.add_argument("--log_level", default="passive", choices=LOG_LEVELS,
                         help="passive (default): h1rl's progress at info, transformers as it is; other levels set both")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the recipe and print its plan (layouts, parameters, data, memory per GPU) without "
+                             "loading weights (h1rl.dry_run)")
+    parser.add_argument("--gpus", type=int, default=None, help="with --dry-run: plan for this many GPUs")
     args, rest = parser.parse_known_args(argv)
     setup_logging(args.log_level)
     try:
         config = load_config(DistillConfig, find(args.config, kind="distill"), flag_overrides(rest))
+        if args.dry_run:
+            from h1rl.dry_run import distill_plan
+
+            print(distill_plan(config, gpus=args.gpus).text())
+            return 0
         manifest = run_distillation(config)
     except (ConfigError, FileNotFoundError) as err:
         print(f"h1rl distill: error: {err}", file=sys.stderr)

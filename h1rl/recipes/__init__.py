@@ -13,6 +13,8 @@ What is here (names are paths in this folder without their suffix):
     accelerate/{zero2,zero3,zero3_offload}        accelerate configs for `accelerate launch --config_file`; their
                                                   `deepspeed_config_file: zero3` is resolved by h1rl to the JSON above
     launch/{hostfile,slurm_grpo}                  a DeepSpeed hostfile and a SLURM batch script (docs/multinode.md)
+    models/<org>--<name>                          the config.json (only) of hub models the recipes name, for their
+                                                  dry runs on machines without the model (h1rl.dry_run)
 
 `find(name_or_path)` is the one lookup every command uses: an existing file wins, then a bundled name; anything else
 is an error naming the closest bundled name.
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIXES = (".yaml", ".json", ".sbatch", "")
-_KINDS = {"deepspeed": "deepspeed config", "accelerate": "accelerate config", "launch": "launcher"}
+_KINDS = {"deepspeed": "deepspeed config", "accelerate": "accelerate config", "launch": "launcher",
+          "models": "model config"}
 _files = contextlib.ExitStack()  # extracted copies, if the package is not on a plain filesystem (zip import)
 atexit.register(_files.close)
 
@@ -71,12 +74,21 @@ def list_recipes() -> list[Recipe]:
 def _describe(resource) -> str:
     """A recipe's first comment line (a JSON config: its ZeRO stage)."""
     text = resource.read_text()
+    if resource.name.endswith(".json") and "model_type" in text:
+        config = json.loads(text)
+        return (f"{config['model_type']} config: {config['num_hidden_layers']} layers, hidden {config['hidden_size']} "
+                "(no weights)")
     if resource.name.endswith(".json"):
         zero = json.loads(text).get("zero_optimization", {})
         offload = " with CPU offload" if "offload_param" in zero or "offload_optimizer" in zero else ""
         return f"DeepSpeed ZeRO-{zero.get('stage')}{offload}"
     lines = [line for line in text.splitlines() if line.startswith("#") and not line.startswith(("#!", "#SBATCH"))]
     return lines[0].lstrip("# ").strip() if lines else ""
+
+
+def models_dir() -> Path:
+    """The folder of the bundled model configs (`models/<org>--<name>.json`)."""
+    return _as_path(_root() / "models")
 
 
 def names() -> list[str]:

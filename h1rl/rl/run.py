@@ -2,6 +2,7 @@ r"""`h1rl grpo --config RECIPE [--key value ...]`: a GRPO run from a recipe, res
 
     h1rl grpo --config grpo_math --learning_rate 1e-5 --max_steps 5       # a bundled recipe by name, or a file
     h1rl grpo --help                                                       # every key: TRL's and h1rl's
+    h1rl grpo --config grpo_apriel_h1_15b --dry-run [--gpus 16]            # check and plan, no weights (h1rl.dry_run)
     accelerate launch --config_file $(h1rl recipes path accelerate/zero3) -m h1rl.cli grpo --config grpo_math
 
 What a run does, in order:
@@ -132,13 +133,22 @@ def run_grpo(args: GRPOArgs):
 
 def main(argv: list[str] | None = None) -> int:
     """`h1rl grpo --config RECIPE [--key value ...]`; returns the exit status (2 for a bad recipe or flag)."""
+    from h1rl.dry_run import grpo_plan, pop_flags
     from h1rl.log import setup_logging
 
     try:
-        args = parse_grpo_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
+        dry, options, argv = pop_flags(sys.argv[1:] if argv is None else argv)
+        args = parse_grpo_args(argv)
+    except (ConfigError, ValueError) as err:
         print(f"h1rl grpo: error: {err}", file=sys.stderr)
         return 2
     setup_logging(args.training.log_level)
+    if dry:  # check and plan the run (no weights, no downloads); h1rl.dry_run
+        try:
+            print(grpo_plan(args, **options).text())
+        except (FileNotFoundError, ValueError) as err:
+            print(f"h1rl grpo --dry-run: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     run_grpo(args)
     return 0

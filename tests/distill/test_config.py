@@ -17,7 +17,9 @@ def test_recipes_load_and_name_their_command(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# ") and "h1rl distill --config " + recipe.stem in first
     cfg = load_config(DistillConfig, recipe)
-    check_schedule(cfg.stages, T4)
+    from h1rl.dry_run import model_config  # the teacher's config: local, bundled, or h1rl's copy of a hub model's
+
+    check_schedule(cfg.stages, ["t"] * model_config(cfg.model.teacher)[0].num_hidden_layers)
 
 
 def stages(*specs: dict) -> list[StageConfig]:
