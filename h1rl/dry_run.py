@@ -298,12 +298,12 @@ def _fake_mode():
 # ---- the commands --------------------------------------------------------------------------------------------------
 
 
-def grpo_plan(args, gpus: int | None = None, prompt_len: int = 1024) -> Plan:
-    """The dry run of a parsed `h1rl grpo` recipe (`h1rl.rl.config.GRPOArgs`)."""
+def grpo_plan(args, reward_funcs: list, gpus: int | None = None, prompt_len: int = 1024) -> Plan:
+    """The dry run of a parsed `h1rl grpo` recipe (`h1rl.rl.config.GRPOArgs`) and the rewards it names
+    (`h1rl.rl.run.build_rewards`; closed here)."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from h1rl.bench.memory import ModelSizes, measure_rollout, measure_training, models_from_configs
-    from h1rl.rl.run import build_rewards
     from h1rl.rollout.engine import RolloutBudget
 
     start = time.perf_counter()
@@ -321,11 +321,10 @@ def grpo_plan(args, gpus: int | None = None, prompt_len: int = 1024) -> Plan:
                       f"({layout.count('m2')} m2, {layout.count('t')} attention), hidden {config.hidden_size}, "
                       f"vocabulary {config.vocab_size}")
     tokenizer, note = template_tokenizer(found[2] if found is not None else name)
-    rewards = build_rewards(script.reward_funcs, script.reward_kwargs, script.answer_column)
     try:
-        data = check_problems(script, tokenizer, rewards)
+        data = check_problems(script, tokenizer, reward_funcs)
     finally:
-        for func in rewards:
+        for func in reward_funcs:
             if hasattr(func, "close"):
                 func.close()
     plan.lines += [f"data: {data['data']}: {data['rows']} rows; answers {data['answers']}; prompts of "

@@ -13,9 +13,16 @@ from h1rl.distill.config import DistillConfig
 from h1rl.dry_run import convert_plan, distill_plan, grpo_plan, model_config, pop_flags, sample_dataset
 from h1rl.recipes import find
 from h1rl.rl.config import parse_grpo_args
+from h1rl.rl.run import build_rewards
 
 MATH = ["--dataset_name", "EleutherAI/hendrycks_math", "--dataset_config", "algebra", "--prompt_column", "problem",
         "--answer_column", "solution"]  # the override grpo_qwen3_1p7b's header gives for MATH
+
+
+def recipe(name: str, *flags: str):
+    """A GRPO recipe parsed as `h1rl grpo` parses it, and the rewards it names."""
+    args = parse_grpo_args(["--config", name, *flags])
+    return args, build_rewards(args.script.reward_funcs, args.script.reward_kwargs, args.script.answer_column)
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +60,7 @@ def test_convert_dry_run():
 def test_apriel_15b_on_16_gpus_matches_the_measured_memory():
     """GRPO of Apriel-H1-15B with ZeRO-3 on 2 x 8 GPUs: docs/multinode.md's measured figures (80 GB, T = 8k, N = 16:
     training 25.03 GiB, rollout 74.91 GiB with 48 slots) come back from the recipe's own settings."""
-    plan = grpo_plan(parse_grpo_args(["--config", "grpo_apriel_h1_15b"]), gpus=16)
+    plan = grpo_plan(*recipe("grpo_apriel_h1_15b"), gpus=16)
     text = plan.text()
     assert "15.69B parameters, 50 layers (30 m2, 20 attention)" in text
     assert "answers ['5', '\\\\frac{3}{4}', '9', '2, 3']" in text  # MATH's \boxed{} answers, verified
@@ -69,7 +76,7 @@ def test_apriel_15b_on_16_gpus_matches_the_measured_memory():
 def test_qwen3_grpo_on_gsm8k_and_math(data, answers):
     """Before the distillation ran: the model is distill_qwen3_1p7b's last stage; GSM8K's `#### N` and MATH's
     `\\boxed{}` answers are extracted from the bundled samples and verify."""
-    plan = grpo_plan(parse_grpo_args(["--config", "grpo_qwen3_1p7b", *data]), gpus=8)
+    plan = grpo_plan(*recipe("grpo_qwen3_1p7b", *data), gpus=8)
     text = plan.text()
     assert "stage 3 of the bundled recipe distill_qwen3_1p7b" in text and "(16 m2, 12 attention)" in text
     assert f"answers {answers}" in text and "chat template: a stand-in" in text

@@ -10,7 +10,7 @@ then for each stage's layout measures on them:
 
 Prints the table, writes `report.json` and `kl_per_stage.png` to `--out`. Deterministic for a given machine.
 
-Run (about 2 minutes on 2 CPU cores):
+Run (about 5 minutes on 2 CPU cores):
 
     python -m h1rl.distill.report --out runs/distill_report
 """

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.training.log_level)
     if dry:  # check and plan the run (no weights, no downloads); h1rl.dry_run
         try:
-            print(grpo_plan(args, **options).text())
+            rewards = build_rewards(args.script.reward_funcs, args.script.reward_kwargs, args.script.answer_column)
+            print(grpo_plan(args, rewards, **options).text())
         except (FileNotFoundError, ValueError) as err:
             print(f"h1rl grpo --dry-run: error: {err}", file=sys.stderr)
             return 2
