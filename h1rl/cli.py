@@ -9,8 +9,9 @@
     h1rl env                                   the versions a bug report needs
     h1rl bench scan [--seq-lens 512 2048] [--batch 4] [--hidden 256] [--json FILE]
     h1rl bench rollout [--lengths 1024 2048 4096] [--out DIR]
-    h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
-                    [--length-chunks 4]
+    h1rl bench grpo [--new-tokens 256] [--repeats 2] [--length-chunks 4] ...      the same hybrid: h1rl vs TRL
+    h1rl bench grpo --against-teacher [--caps 1024 2048 4096] [--resume]    the hybrid vs its teacher, per GRPO step
+    h1rl bench grpo --partial-rollouts | --overlap-scoring                  (--help: every knob)
     h1rl bench memory --measure [--seq-lens 8192 32768] [--gpus N] [--json FILE]   (--help: every knob; without
                       --measure: the arithmetic table)
 
@@ -70,14 +71,6 @@ def _bench(args: argparse.Namespace) -> int:
         run_rollout_benchmark(lengths=args.lengths, hidden=args.hidden, layers=args.layers, batch=args.batch,
                               generations=args.generations, out_dir=args.out)
         return 0
-    if args.what == "grpo":
-        from h1rl.bench.grpo_bench import run_grpo_benchmark
-
-        run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
-                           steps=args.repeats, hidden=args.hidden, layers=args.layers,
-                           gradient_checkpointing=not args.no_gradient_checkpointing, device=args.device,
-                           length_chunks=args.length_chunks)
-        return 0
     raise AssertionError(args.what)  # argparse restricts the choices
 
 
@@ -104,17 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("bench", help="print speed measurements (side by side, one run)")
-    p.add_argument("what", choices=["scan", "rollout", "grpo", "memory"], help="memory: its own options, see "
-                   "`h1rl bench memory --help`")
+    p.add_argument("what", choices=["scan", "rollout", "grpo", "memory"], help="grpo and memory: their own options, "
+                   "see `h1rl bench grpo --help`, `h1rl bench memory --help`")
     p.add_argument("--batch", type=int, default=4, help="sequences (scan) or distinct prompts (rollout)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048], help="scan: sequence lengths")
-    p.add_argument("--repeats", type=int, default=3, help="scan, grpo: timed repeats / steps (median)")
-    p.add_argument("--new-tokens", type=int, default=256, help="grpo: max completion length")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="grpo: where both trainers run")
-    p.add_argument("--no-gradient-checkpointing", action="store_true",
-                   help="grpo: turn off TRL's default activation recomputation (for both trainers)")
-    p.add_argument("--length-chunks", type=int, default=4, help="grpo: HybridGRPOTrainer's length_chunks")
+    p.add_argument("--repeats", type=int, default=3, help="scan: timed repeats (median)")
     p.add_argument("--json", default=None, help="scan: also write the figures to this JSON file")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="rollout: generated lengths")
     p.add_argument("--layers", type=int, default=8, help="rollout: layers of the teacher (half become m2)")
@@ -145,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher adds --local_rank
     if argv and argv[0] in DELEGATED:
         return _delegate(DELEGATED[argv[0]][0], argv[1:])
-    if argv[:2] == ["bench", "memory"]:  # its options are h1rl.bench.memory's own
-        return _delegate("h1rl.bench.memory", argv[2:])
+    if argv[:2] in (["bench", "memory"], ["bench", "grpo"]):  # their options are their modules' own
+        return _delegate(f"h1rl.bench.{'memory' if argv[1] == 'memory' else 'grpo_bench'}", argv[2:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

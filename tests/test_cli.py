@@ -139,3 +139,30 @@ def test_rank_comes_from_the_launcher(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     assert not is_main_process()
     assert os.environ["RANK"] == "3"
+
+
+@pytest.mark.parametrize("argv, called, expected", [
+    ([], "run_grpo_benchmark", {"new_tokens": 256, "steps": 2, "hidden": 256, "vocab": 512, "length_chunks": 4}),
+    (["--new-tokens", "64", "--length-chunks", "1", "--repeats", "3"], "run_grpo_benchmark",
+     {"new_tokens": 64, "length_chunks": 1, "steps": 3}),
+    (["--against-teacher", "--caps", "1024", "--resume"], "run_against_teacher",
+     {"caps": (1024,), "steps": 1, "hidden": 512, "vocab": 32000, "resume": True}),
+    (["--partial-rollouts", "--caps", "2048", "--partial-budget", "256"], "run_partial_rollouts_benchmark",
+     {"cap": 2048, "budget": 256, "steps": 4, "hidden": 512, "vocab": 32000}),
+    (["--overlap-scoring", "--repeats", "2"], "run_overlap_benchmark", {"steps": 3, "new_tokens": 256}),
+])
+def test_bench_grpo_modes_reach_their_benchmark(monkeypatch, argv, called, expected):
+    """`h1rl bench grpo` hands its whole command line to h1rl.bench.grpo_bench, one parser for every mode, with each
+    mode's own default shapes."""
+    from h1rl import cli
+    from h1rl.bench import grpo_bench
+
+    calls = {}
+    for name in ("run_grpo_benchmark", "run_against_teacher", "run_partial_rollouts_benchmark",
+                 "run_overlap_benchmark"):
+        monkeypatch.setattr(grpo_bench, name, lambda _name=name, **kw: calls.setdefault(_name, kw))
+    assert cli.main(["bench", "grpo", *argv]) == 0
+    assert list(calls) == [called]
+    assert {k: calls[called][k] for k in expected} == expected
+    with pytest.raises(SystemExit):  # one mode at a time
+        cli.main(["bench", "grpo", "--against-teacher", "--overlap-scoring"])

@@ -8,7 +8,8 @@ forward/backward and the optimizer step are all counted. A few stop tokens give 
 (a random model stops after about `vocab / stops` tokens), as in RL.
 
 Run: `h1rl bench grpo [--new-tokens 256] [--generations 8] [--repeats 2] [--no-gradient-checkpointing] [--device cuda]
-[--length-chunks 4]` (the last is HybridGRPOTrainer's `length_chunks`, to measure what splitting by length brings)
+[--length-chunks 4]` (the last is HybridGRPOTrainer's `length_chunks`, to measure what splitting by length brings);
+`h1rl bench grpo --help` lists every mode and knob (`main`).
 
 `h1rl bench grpo --against-teacher` (`run_against_teacher`) is the RL-level comparison the hybrid exists for: one
 GRPO step of the hybrid under `HybridGRPOTrainer` and one of its teacher under stock `trl.GRPOTrainer`, side by side
@@ -20,7 +21,11 @@ either model stops after a geometric number of tokens of mean cap / 3: most rows
 (about 5%) reach it, and both models draw their lengths from the same distribution (the mean lengths are printed
 to show it). Reported per step (median of the timed steps, after one warm-up step at a short cap): wall time, the
 rollout's share, tokens/s, and peak resident memory of the process during the step (Linux: VmHWM, reset before
-each step). Writes JSON and a PNG plot.
+each step). Writes JSON and a PNG plot; `--resume` keeps the runs an interrupted run already measured.
+
+`--partial-rollouts` (`run_partial_rollouts_benchmark`): the hybrid's steps at `--caps[0]` with partial rollouts
+off and on, same shapes. `--overlap-scoring` (`run_overlap_benchmark`): math-verify scoring after the rollout vs
+while it decodes.
 """
 
 from __future__ import annotations
@@ -245,9 +250,12 @@ def teacher_and_hybrid(hidden: int, layers: int, heads: int, kv_heads: int, voca
 def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int = 4, generations: int = 8,
                         prompt_len: int = 128, hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 2,
                         vocab: int = 32000, steps: int = 1, device: str = "cpu", gradient_checkpointing: bool = True,
-                        warmup_cap: int = 32, out_dir: str = "bench-grpo") -> dict:
+                        warmup_cap: int = 32, out_dir: str = "bench-grpo", resume: bool = False) -> dict:
     """One GRPO step of the hybrid (HybridGRPOTrainer) and of its teacher (trl.GRPOTrainer) per cap, side by side;
-    stock TRL on the hybrid at the smallest cap. See the module docstring."""
+    stock TRL on the hybrid at the smallest cap. See the module docstring.
+
+    Each measured run is appended to `grpo_vs_teacher.runs.jsonl` as it finishes (a run at 4k takes about an hour
+    on 2 CPU cores); with `resume`, runs already there under the same settings are kept, not measured again."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -265,6 +273,16 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
           f"{heads}/{kv_heads} heads, vocab {vocab}, {prompts} prompts x G={generations}, prompts of {prompt_len} "
           f"tokens, {device}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}, "
           f"torch threads {torch.get_num_threads()}")
+    journal = out / "grpo_vs_teacher.runs.jsonl"
+    same = {k: v for k, v in settings.items() if k != "caps"}
+    done = {}
+    if resume and journal.exists():
+        for line in journal.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["settings"] == same:
+                done[entry["row"]["cap"], entry["row"]["model"], entry["row"]["trainer"]] = entry["row"]
+    elif journal.exists():
+        journal.unlink()
     rows = []
     for cap in caps:
         runs = [("teacher", "trl.GRPOTrainer", GRPOTrainer), ("hybrid", "HybridGRPOTrainer", HybridGRPOTrainer)]
@@ -272,6 +290,12 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
             runs.append(("hybrid", "trl.GRPOTrainer", GRPOTrainer))
         stops = list(range(1, 1 + max(1, round(vocab * 3 / cap))))  # mean length ~ cap / 3
         for model_name, trainer_name, trainer_cls in runs:
+            if (cap, model_name, trainer_name) in done:
+                row = done[cap, model_name, trainer_name]
+                rows.append(row)
+                print(f"  cap {cap:5d}  {model_name:7s} {trainer_name:18s} step {row['step_s']:8.1f} s  (kept from "
+                      f"{journal})")
+                continue
             teacher, hybrid = teacher_and_hybrid(hidden, layers, heads, kv_heads, vocab)
             model = (teacher if model_name == "teacher" else hybrid).to(device)
             model.generation_config.eos_token_id = stops
@@ -286,6 +310,8 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
                    "tokens_per_s": mean_len * prompts * generations / step,
                    "peak_rss_gib": max(peaks) if peaks else float("nan")}
             rows.append(row)
+            with journal.open("a") as f:
+                f.write(json.dumps({"settings": same, "row": row}) + "\n")
             print(f"  cap {cap:5d}  {model_name:7s} {trainer_name:18s} step {step:8.1f} s  rollout {rollout:8.1f} s  "
                   f"rest {step - rollout:7.1f} s  mean/max completion {mean_len:6.0f}/{row['max_completion']:5.0f}  "
                   f"{row['tokens_per_s']:7.1f} tok/s  peak RSS {row['peak_rss_gib']:.2f} GiB")
@@ -461,38 +487,61 @@ def run_overlap_benchmark(new_tokens: int = 256, prompts: int = 4, generations: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`h1rl bench grpo [MODE] ...` (also `python -m h1rl.bench.grpo_bench`): one parser for every mode."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m h1rl.bench.grpo_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--against-teacher", action="store_true", help="the hybrid vs its teacher (see the docstring)")
-    p.add_argument("--overlap-scoring", action="store_true", help="math-verify scoring after vs during the rollout")
-    p.add_argument("--partial-rollouts", action="store_true", help="the hybrid at --caps[0] with partial rollouts "
-                   "off vs on (run_partial_rollouts_benchmark)")
-    p.add_argument("--partial-budget", type=int, default=None, help="decode steps per round (default cap / 4)")
-    p.add_argument("--caps", type=int, nargs="+", default=[1024, 2048, 4096])
-    p.add_argument("--steps", type=int, default=1, help="timed steps per run (median), after a warm-up step")
+    p = argparse.ArgumentParser(prog="h1rl bench grpo", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--against-teacher", action="store_true", help="the hybrid vs its teacher, per cap "
+                      "(run_against_teacher)")
+    mode.add_argument("--partial-rollouts", action="store_true", help="the hybrid at --caps[0] with partial "
+                      "rollouts off vs on (run_partial_rollouts_benchmark)")
+    mode.add_argument("--overlap-scoring", action="store_true", help="math-verify scoring after vs during the "
+                      "rollout (run_overlap_benchmark)")
+    default = "without a mode flag: HybridGRPOTrainer vs trl.GRPOTrainer on the same hybrid (run_grpo_benchmark)"
+    p.add_argument("--new-tokens", type=int, default=256, help=f"{default}, and --overlap-scoring: the length cap")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
+    p.add_argument("--batch", type=int, default=4, help="distinct prompts per step")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per run, after a warm-up step (median); "
+                   "default 2, with --against-teacher 1, with --partial-rollouts 4 (the first fills the pool)")
+    p.add_argument("--length-chunks", type=int, default=4, help="HybridGRPOTrainer's length_chunks")
+    p.add_argument("--caps", type=int, nargs="+", default=[1024, 2048, 4096], help="--against-teacher: completion "
+                   "caps; --partial-rollouts: the first")
+    p.add_argument("--partial-budget", type=int, default=None, help="--partial-rollouts: decode steps per round "
+                   "(default cap / 4)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--out", default="bench-grpo", help="where the JSON and PNG go")
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="turn off TRL's default activation recomputation (for every trainer)")
+    p.add_argument("--out", default="bench-grpo", help="--against-teacher, --partial-rollouts: where JSON and PNG go")
+    p.add_argument("--resume", action="store_true", help="--against-teacher: keep the runs already measured in --out "
+                   "under the same settings")
+    p.add_argument("--hidden", type=int, default=None, help="default 256; 512 with --against-teacher and "
+                   "--partial-rollouts (their fixed shapes)")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--vocab", type=int, default=None, help="default 512; 32000 with --against-teacher and "
+                   "--partial-rollouts")
     args = p.parse_args(argv)
+    long_shapes = args.against_teacher or args.partial_rollouts
+    hidden = args.hidden or (512 if long_shapes else 256)
+    vocab = args.vocab or (32000 if long_shapes else 512)
+    checkpointing = not args.no_gradient_checkpointing
     if args.overlap_scoring:
-        run_overlap_benchmark(steps=args.steps + 1)
-        return 0
-    if args.partial_rollouts:
-        steps = args.steps if args.steps > 1 else 4  # the first step fills the pool
-        run_partial_rollouts_benchmark(cap=args.caps[0], budget=args.partial_budget, steps=steps, device=args.device,
-                                       hidden=args.hidden, layers=args.layers, vocab=args.vocab,
-                                       gradient_checkpointing=not args.no_gradient_checkpointing, out_dir=args.out)
-        return 0
-    if not args.against_teacher:
-        run_grpo_benchmark(device=args.device, gradient_checkpointing=not args.no_gradient_checkpointing)
-        return 0
-    run_against_teacher(caps=tuple(args.caps), steps=args.steps, device=args.device, hidden=args.hidden,
-                        layers=args.layers, vocab=args.vocab, gradient_checkpointing=not args.no_gradient_checkpointing,
-                        out_dir=args.out)
+        run_overlap_benchmark(new_tokens=args.new_tokens, prompts=args.batch, generations=args.generations,
+                              steps=(args.repeats or 2) + 1, hidden=hidden, layers=args.layers)
+    elif args.partial_rollouts:
+        run_partial_rollouts_benchmark(cap=args.caps[0], budget=args.partial_budget, steps=args.repeats or 4,
+                                       prompts=args.batch, generations=args.generations, device=args.device,
+                                       hidden=hidden, layers=args.layers, vocab=vocab,
+                                       gradient_checkpointing=checkpointing, out_dir=args.out)
+    elif args.against_teacher:
+        run_against_teacher(caps=tuple(args.caps), steps=args.repeats or 1, prompts=args.batch,
+                            generations=args.generations, device=args.device, hidden=hidden, layers=args.layers,
+                            vocab=vocab, gradient_checkpointing=checkpointing, out_dir=args.out, resume=args.resume)
+    else:
+        run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
+                           steps=args.repeats or 2, hidden=hidden, layers=args.layers, vocab=vocab,
+                           gradient_checkpointing=checkpointing, device=args.device,
+                           length_chunks=args.length_chunks)
     return 0
 
 
