@@ -120,10 +120,10 @@ def write_data(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
 def cached_evaluation(path: Path, what: str, model_dir: str, rows: list[dict], config) -> dict[str, Any]:
     """`h1rl.eval.evaluate` of `model_dir` on `rows`, cached in `path`: read back unless the checkpoint path, the
     evaluation settings or the problems differ from the cached ones, in which case it evaluates again."""
-    from h1rl.eval import evaluate, write_results
+    from h1rl.eval import details_path, evaluate, read_results, write_results
 
     wanted = {"model": str(model_dir), "config": json.loads(json.dumps(asdict(config)))}
-    cached = json.loads(path.read_text()) if path.exists() else None
+    cached = read_results(path) if path.exists() and details_path(path).exists() else None
     if cached is not None and all(cached.get(key) == value for key, value in wanted.items()) and \
             [p["question"] for p in cached["problems"]] == [r["question"] for r in rows]:
         return cached

@@ -3,6 +3,9 @@ r"""`h1rl eval`: accuracy and pass@k of a checkpoint on a math dataset, scored b
     h1rl eval --model DIR|HUB_NAME|bundled [--dataset_name FILE_OR_HUB_NAME] [--num_samples 8 --temperature 1.0]
               [--out eval.json] [--traces traces.jsonl]          (--help: every key)
 
+Writes the summary to `--out` and one JSON line per sample (problem, completion, correct, finish reason) beside it
+(`eval.details.jsonl`); `read_results` joins the two.
+
 Works for any checkpoint h1rl loads: hybrids (and Apriel-H1 checkpoints) generate with the rollout engine
 (`h1rl.rollout.RolloutEngine`: prefill once, fast recurrent decode), other causal LMs (the plain transformer
 teachers) with `model.generate`. The default data is the bundled test split (`h1rl/assets/data/test.jsonl`), on
@@ -369,11 +372,46 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(fmt(row) for row in [header, *lines])
 
 
+def details_path(path: str | Path) -> Path:
+    """Where the per-sample details of results written to `path` go: eval.json -> eval.details.jsonl."""
+    path = Path(path)
+    return path.with_name(path.stem + ".details.jsonl")
+
+
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    """The summary (every key but "problems") as JSON to `path`, and one JSON line per sample (problem, sample,
+    question, answer, completion, correct, finish_reason) to `details_path(path)`; `read_results` joins them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    summary = {k: v for k, v in results.items() if k != "problems"}
+    summary["details"] = details_path(path).name
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    with details_path(path).open("w") as f:
+        for p in results["problems"]:
+            for j, (text, hit, reason) in enumerate(zip(p["completions"], p["correct"], p["finish_reasons"])):
+                f.write(json.dumps({"problem": p["index"], "sample": j, "question": p["question"],
+                                    "answer": p["answer"], "completion": text, "correct": hit,
+                                    "finish_reason": reason}, ensure_ascii=False) + "\n")
     return path
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """Results written by `write_results`, with "problems" rebuilt from the details file as `evaluate` returns them."""
+    path = Path(path)
+    results = json.loads(path.read_text())
+    details = path.with_name(results.pop("details", details_path(path).name))
+    problems: dict[int, dict[str, Any]] = {}
+    for line in details.read_text().splitlines():
+        row = json.loads(line)
+        p = problems.setdefault(row["problem"], {"index": row["problem"], "question": row["question"],
+                                                 "answer": row["answer"], "num_correct": 0, "completions": [],
+                                                 "correct": [], "finish_reasons": []})
+        p["completions"].append(row["completion"])
+        p["correct"].append(row["correct"])
+        p["finish_reasons"].append(row["finish_reason"])
+        p["num_correct"] += int(row["correct"])
+    results["problems"] = [problems[i] for i in sorted(problems)]
+    return results
 
 
 @dataclass
@@ -387,7 +425,8 @@ class EvalArguments:
     dataset_name: str | None = field(
         default=None, metadata={"help": "A local .json / .jsonl / .parquet / .csv file or a hub dataset name (TRL's "
                                         "dataset_name). Default: the bundled test split."})
-    out: str = field(default="eval.json", metadata={"help": "JSON file for the results. Default eval.json."})
+    out: str = field(default="eval.json", metadata={"help": "JSON file for the summary. Default eval.json; the "
+                                                            "per-sample details go beside it (eval.details.jsonl)."})
     traces: str | None = field(
         default=None, metadata={"help": "Also write the correct completions as chat rows for `h1rl distill` (a .jsonl "
                                         "file). Default none."})
@@ -432,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table({Path(args.model).name or args.model: results}))
     if results["checker"].get("timeouts") or results["checker"].get("crashes") or results["checker"].get("errors"):
         print(f"checker failures (scored 0): {results['checker']}")
-    print(f"results written to {write_results(results, args.out)}")
+    print(f"results written to {write_results(results, args.out)}, per-sample details to {details_path(args.out)}")
     if args.traces:
         from h1rl.data import write_jsonl
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from h1rl.demo import main
+from h1rl.eval import read_results
 
 
 @pytest.mark.slow
@@ -25,7 +26,7 @@ def test_quick_demo_runs_every_phase(tmp_path, capsys):
     assert summary["distill_data"] == "teacher_traces" and 0 < traces["kept"] <= traces["problems"] == 64
     distill_rows = (out / "data" / "distill_teacher_traces.jsonl").read_text().splitlines()
     assert len(distill_rows) == traces["kept"]
-    teacher_train = json.loads((out / "eval" / "teacher_train.json").read_text())
+    teacher_train = read_results(out / "eval" / "teacher_train.json")
     assert traces["kept"] == sum(p["correct"][0] for p in teacher_train["problems"])
     assert f"correct greedy solutions of {traces['kept']} of 64 training problems" in (out / "report.md").read_text()
     assert summary["throughput"]["hybrid_tok_s"] > 0

@@ -15,7 +15,7 @@ import torch
 from h1rl.data.arithmetic import ArithmeticTask, write_jsonl
 from h1rl.data.teacher import TeacherConfig, build_teacher, train_teacher
 from h1rl.data.tokenizer import task_corpus, train_tokenizer
-from h1rl.eval import EvalConfig, evaluate, format_table, main, pass_at_k, trace_rows
+from h1rl.eval import EvalConfig, evaluate, format_table, main, pass_at_k, read_results, trace_rows
 from h1rl.models import HybridForCausalLM
 from h1rl.models.convert import convert_teacher
 
@@ -90,9 +90,15 @@ def test_cli_prints_a_table_and_writes_json(world, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "pass@2" in printed and str(out) in printed
-    results = json.loads(out.read_text())
+    summary = json.loads(out.read_text())
+    assert "problems" not in summary and summary["details"] == "eval.details.jsonl"
+    samples = [json.loads(line) for line in (out.parent / "eval.details.jsonl").read_text().splitlines()]
+    assert [(s["problem"], s["sample"]) for s in samples] == [(i, j) for i in range(6) for j in range(2)]
+    assert {"question", "answer", "completion", "correct", "finish_reason"} <= set(samples[0])
+    results = read_results(out)
     assert results["num_problems"] == 6 and results["num_samples"] == 2
     assert results["config"]["batch_size"] == 4 and len(results["problems"][0]["completions"]) == 2
+    assert [p["num_correct"] for p in results["problems"]] == [sum(p["correct"]) for p in results["problems"]]
     assert results["pass@2"] >= results["accuracy"]
 
     traces = world["root"] / "results" / "traces.jsonl"
@@ -100,7 +106,7 @@ def test_cli_prints_a_table_and_writes_json(world, capsys):
                  "--max-completion-length", "8", "--max-samples", "6", "--batch-size", "4", "--out", str(out),
                  "--traces", str(traces), "--traces-all"]) == 0  # TRL's parser takes --key-with-dashes too
     rows = [json.loads(line) for line in traces.read_text().splitlines()]
-    results = json.loads(out.read_text())
+    results = read_results(out)
     assert rows == trace_rows(results, only_correct=False) and 6 <= len(rows) <= 12
     assert f"{len(rows)} completions of 6 problems" in capsys.readouterr().out
 
