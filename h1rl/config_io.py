@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import enum
 import importlib
 import re
 import types
@@ -155,16 +156,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> 
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass (or nested containers of them) as plain YAML-safe dicts, lists and scalars."""
+    """A dataclass (or nested containers of them) as plain YAML-safe dicts, lists and scalars: enums as their values,
+    paths and any other object as strings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
     if isinstance(obj, Mapping):
         return {str(k): to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
 
 
 def save_config(obj: Any, path: str | Path) -> Path:

@@ -17,13 +17,12 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from h1rl.config_io import ConfigError, closest, parse_yaml
+from h1rl.config_io import ConfigError, closest, parse_yaml, to_dict
 
 
 def split_config(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -62,20 +61,6 @@ def read_recipe(name_or_path: str, kind: str) -> tuple[Path, dict[str, Any]]:
 # ---- flat configs, TRL's way -----------------------------------------------------------------------------------
 
 
-def _yaml_safe(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(k): _yaml_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_yaml_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
 def make_trl_parser(dataclass_types: Sequence[type], prog: str, description: str):
     """TRL's `TrlParser` over `dataclass_types`, without argparse's prefix matching (`--learning_rat` would otherwise
     mean `--learning_rate`), remembering the values it parsed (`inputs`: every field, as given, defaults included)."""
@@ -86,7 +71,7 @@ def make_trl_parser(dataclass_types: Sequence[type], prog: str, description: str
 
         def parse_known_args(self, args=None, namespace=None):
             namespace, rest = super().parse_known_args(args, namespace)
-            self.inputs = {k: _yaml_safe(v) for k, v in vars(namespace).items()}
+            self.inputs = to_dict(vars(namespace))
             return namespace, rest
 
     return Parser(list(dataclass_types), prog=prog, description=description, allow_abbrev=False,
