@@ -338,11 +338,13 @@ def run_partial_rollouts_benchmark(cap: int = 1024, budget: int | None = None, e
                                    hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 2,
                                    vocab: int = 32000, device: str = "cpu", gradient_checkpointing: bool = True,
                                    out_dir: str = "bench-grpo") -> dict:
-    """The hybrid's GRPO steps at `cap` (the `--against-teacher` shapes and length spread) with partial rollouts off
-    and on (`partial_rollout_budget` = `budget`, default cap / 4; `partial_rollout_extra_groups` = `extra_groups`,
-    default `prompts`), `steps` steps each in one trainer: the first step with partial rollouts fills the pool, so the
-    figure is the median of the later steps, either way. Both train B groups of G completed rows per step; with
-    partial rollouts some were started in earlier steps (their rounds and carried groups are printed)."""
+    """The hybrid's GRPO steps at `cap` (the `--against-teacher` shapes and length spread) with partial rollouts off,
+    off with the importance-sampling correction they force on (what a bf16 run pays anyway: one no-grad forward of
+    the batch per step for the old policy's log-probs), and on (`partial_rollout_budget` = `budget`, default cap / 4;
+    `partial_rollout_extra_groups` = `extra_groups`, default `prompts`), `steps` steps each in one trainer: the first
+    step with partial rollouts fills the pool, so the figure is the median of the later steps, every way. All train
+    B groups of G completed rows per step; with partial rollouts some were started in earlier steps (their rounds
+    and carried groups are printed)."""
     from datasets import Dataset
 
     from h1rl.rl import HybridGRPOTrainer
@@ -353,12 +355,17 @@ def run_partial_rollouts_benchmark(cap: int = 1024, budget: int | None = None, e
     words = [" ".join(f"w{(13 * i + 7 * j) % (vocab - 3)}" for j in range(prompt_len)) for i in range(64)]
     dataset = Dataset.from_dict({"prompt": words})
     stops = list(range(1, 1 + max(1, round(vocab * 3 / cap))))
-    print(f"GRPO steps of the hybrid (HybridGRPOTrainer), cap {cap}, partial rollouts off vs on (budget {budget} "
+    print(f"GRPO steps of the hybrid (HybridGRPOTrainer), cap {cap}, partial rollouts off, off with the IS "
+          f"correction, on (budget {budget} "
           f"decode steps per round, {extra_groups} extra groups): hidden {hidden}, {layers} layers, {prompts} prompts "
           f"x G={generations}, {device}, torch threads {torch.get_num_threads()}")
     runs = {}
-    for name, options in (("off", {}), ("on", {"partial_rollout_budget": budget,
-                                              "partial_rollout_extra_groups": extra_groups})):
+    arms = (("off", {}),
+            # what partial rollouts force on, alone: the importance-sampling correction's old-policy forward, which
+            # a bf16 run pays with or without them (on by default off float32)
+            ("off + IS", {"importance_sampling_correction": True}),
+            ("on", {"partial_rollout_budget": budget, "partial_rollout_extra_groups": extra_groups}))
+    for name, options in arms:
         _, hybrid = teacher_and_hybrid(hidden, layers, heads, kv_heads, vocab)
         hybrid.to(device).generation_config.eos_token_id = stops
         logs, rollout_s, peaks = _timed_steps(HybridGRPOTrainer, hybrid, tokenizer, dataset, cap, steps, prompts,
@@ -374,16 +381,21 @@ def run_partial_rollouts_benchmark(cap: int = 1024, budget: int | None = None, e
         run["trained_tokens_per_s"] = (statistics.median(run["mean_completion"][later]) * prompts * generations
                                        / run["median_step_s"])
         runs[name] = run
-        print(f"  partial rollouts {name:3s}: steps {' '.join(f'{t:.1f}' for t in run['step_s'])} s (median after "
+        print(f"  partial rollouts {name:8s}: steps {' '.join(f'{t:.1f}' for t in run['step_s'])} s (median after "
               f"the first {run['median_step_s']:.1f} s, rollout {run['median_rollout_s']:.1f} s); rounds "
               f"{run['rounds']}; carried groups {run['carried_groups']}; trained completions of mean "
               f"{' '.join(f'{m:.0f}' for m in run['mean_completion'])} tokens; "
               f"{run['trained_tokens_per_s']:.1f} trained tok/s; peak RSS {run['peak_rss_gib']:.2f} GiB")
     gain = runs["off"]["median_step_s"] / runs["on"]["median_step_s"]
-    print(f"  step-time gain of partial rollouts: {gain:.2f}x")
+    gain_is = runs["off + IS"]["median_step_s"] / runs["on"]["median_step_s"]
+    rollout_gain = runs["off"]["median_rollout_s"] / runs["on"]["median_rollout_s"]
+    print(f"  step-time gain of partial rollouts: {gain:.2f}x against the float32 default (no correction), "
+          f"{gain_is:.2f}x against the same step with the importance-sampling correction (a bf16 run's default); "
+          f"rollout {rollout_gain:.2f}x")
     result = {"settings": dict(cap=cap, budget=budget, extra_groups=extra_groups, steps=steps, prompts=prompts,
                                generations=generations, hidden=hidden, layers=layers, vocab=vocab, device=device,
-                               torch_threads=torch.get_num_threads()), "runs": runs, "gain": gain}
+                               torch_threads=torch.get_num_threads()), "runs": runs, "gain": gain,
+              "gain_vs_corrected": gain_is, "rollout_gain": rollout_gain}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo_partial_rollouts.json").write_text(json.dumps(result, indent=2))
@@ -424,6 +436,21 @@ def _plot_against_teacher(rows: list[dict], path: Path) -> None:
 # scoring overlapped with decoding (`h1rl bench grpo --overlap-scoring`)
 
 
+def _clock_method(obj, name: str) -> list[float]:
+    """Wrap `obj.name` so that each call's wall time is appended to the returned list."""
+    method, seconds = getattr(obj, name), []
+
+    def clocked(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(obj, name, clocked)
+    return seconds
+
+
 def math_tokenizer(vocab: int):
     """`word_tokenizer` whose words include digits, `\\boxed{` and `}`, so that random completions carry boxed
     answers for math-verify to check."""
@@ -454,6 +481,7 @@ def run_overlap_benchmark(new_tokens: int = 256, prompts: int = 4, generations: 
     dataset = Dataset.from_dict(rows)
     times: dict[bool, list[float]] = {False: [], True: []}
     rewards: dict[bool, list[float]] = {False: [], True: []}
+    scoring: dict[bool, list[float]] = {False: [], True: []}  # seconds in TRL's scoring call, per step
     for _ in range(rounds):
         for overlap in (False, True):
             _, hybrid = build_pair(hidden, layers, vocab, seed=0)
@@ -470,18 +498,22 @@ def run_overlap_benchmark(new_tokens: int = 256, prompts: int = 4, generations: 
                 trainer = HybridGRPOTrainer(model=hybrid, reward_funcs=reward, args=args, train_dataset=dataset,
                                             processing_class=tokenizer)
                 trainer.remove_callback(PrinterCallback)
+                calls = _clock_method(trainer, "_calculate_rewards")
                 trainer.train()
             logs = [e for e in trainer.state.log_history if "step_time" in e][1:]  # drop the warm-up step
             times[overlap] += [e["step_time"] for e in logs]
+            scoring[overlap] += calls[1:]
             rewards[overlap] = [e["reward"] for e in logs]
     off, on = statistics.median(times[False]), statistics.median(times[True])
     print(f"GRPO step with math-verify scoring, hidden {hidden}, {layers} layers (half m2), {prompts} prompts x "
           f"G={generations}, up to {new_tokens} tokens, torch threads {torch.get_num_threads()} (median of "
           f"{len(times[False])} steps each, alternating):")
-    print(f"  scoring after the rollout  {off:7.2f} s")
-    print(f"  scoring while it decodes   {on:7.2f} s   saved {off - on:+.2f} s ({(off - on) / off:+.1%}); rewards "
-          f"identical: {rewards[False] == rewards[True]}")
+    wait = {k: statistics.median(v) for k, v in scoring.items()}
+    print(f"  scoring after the rollout  {off:7.2f} s   (the step waits {wait[False]:.2f} s in TRL's scoring call)")
+    print(f"  scoring while it decodes   {on:7.2f} s   (waits {wait[True]:.2f} s); saved {off - on:+.2f} s "
+          f"({(off - on) / off:+.1%}); rewards identical: {rewards[False] == rewards[True]}")
     return {"off_s": off, "on_s": on, "saved_s": off - on, "same_rewards": rewards[False] == rewards[True],
+            "scoring_wait_s": {"off": wait[False], "on": wait[True]},
             "settings": dict(new_tokens=new_tokens, prompts=prompts, generations=generations, steps=steps,
                              hidden=hidden, layers=layers, vocab=vocab, rounds=rounds)}
 
