@@ -29,4 +29,4 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
         (16, "teacher", "trl.GRPOTrainer"), (16, "hybrid", "HybridGRPOTrainer"), (16, "hybrid", "trl.GRPOTrainer"),
         (32, "teacher", "trl.GRPOTrainer"), (32, "hybrid", "HybridGRPOTrainer")}
     assert all(r["step_s"] > 0 and r["rollout_s"] > 0 for r in against["rows"])
-    assert set(against["partial_rollouts"]["runs"]) == {"off", "on"}
+    assert set(against["partial_rollouts"]["runs"]) == {"off", "off + IS", "on"}

@@ -30,8 +30,8 @@ h. synced decoding: 2 processes on the one device (gloo for the engine's one fla
 i. the RL-level comparison (`h1rl bench grpo --against-teacher` on the GPU): one GRPO step of the hybrid under
    `HybridGRPOTrainer` and of its teacher under stock `trl.GRPOTrainer` (hidden 512, 8 layers, 8/2 heads, vocab 32k,
    4 prompts x G=8, prompts of 128 tokens) at completion caps `--grpo-caps` with RL's spread of lengths, stock TRL
-   on the hybrid at the smallest cap, then the hybrid at the largest cap with partial rollouts off and on
-   (budget cap / 4). Runs last: the longest section.
+   on the hybrid at the smallest cap, then the hybrid at the largest cap with partial rollouts off, off with only the
+   importance-sampling correction, and on (budget cap / 4). Runs last: the longest section.
 
 Each section runs on its own: an error is printed with its traceback, recorded in the JSON, and the next section
 runs. Without mamba-ssm / causal-conv1d the torch paths still run on the GPU, and the output says so.
