@@ -250,12 +250,15 @@ def teacher_and_hybrid(hidden: int, layers: int, heads: int, kv_heads: int, voca
 def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int = 4, generations: int = 8,
                         prompt_len: int = 128, hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 2,
                         vocab: int = 32000, steps: int = 1, device: str = "cpu", gradient_checkpointing: bool = True,
-                        warmup_cap: int = 32, out_dir: str = "bench-grpo", resume: bool = False) -> dict:
+                        warmup_cap: int = 32, out_dir: str = "bench-grpo", resume: bool = False,
+                        only: str | None = None) -> dict:
     """One GRPO step of the hybrid (HybridGRPOTrainer) and of its teacher (trl.GRPOTrainer) per cap, side by side;
     stock TRL on the hybrid at the smallest cap. See the module docstring.
 
     Each measured run is appended to `grpo_vs_teacher.runs.jsonl` as it finishes (a run at 4k takes about an hour
-    on 2 CPU cores); with `resume`, runs already there under the same settings are kept, not measured again."""
+    on 2 CPU cores); with `resume`, runs already there under the same settings are kept, not measured again.
+    `only` ("teacher" or "hybrid"): measure that model's runs alone (the other's come from the journal, or are
+    missing from the table)."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -290,6 +293,8 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
             runs.append(("hybrid", "trl.GRPOTrainer", GRPOTrainer))
         stops = list(range(1, 1 + max(1, round(vocab * 3 / cap))))  # mean length ~ cap / 3
         for model_name, trainer_name, trainer_cls in runs:
+            if only is not None and model_name != only and (cap, model_name, trainer_name) not in done:
+                continue
             if (cap, model_name, trainer_name) in done:
                 row = done[cap, model_name, trainer_name]
                 rows.append(row)
@@ -318,6 +323,9 @@ def run_against_teacher(caps: tuple[int, ...] = (1024, 2048, 4096), prompts: int
     speedups = {}
     for cap in caps:
         by = {(r["model"], r["trainer"]): r["step_s"] for r in rows if r["cap"] == cap}
+        if ("teacher", "trl.GRPOTrainer") not in by or ("hybrid", "HybridGRPOTrainer") not in by:
+            print(f"  cap {cap:5d}: no speed-up (a run is missing)")
+            continue
         speedups[cap] = {"hybrid_vs_teacher": by["teacher", "trl.GRPOTrainer"] / by["hybrid", "HybridGRPOTrainer"]}
         if ("hybrid", "trl.GRPOTrainer") in by:
             speedups[cap]["h1rl_vs_trl_same_hybrid"] = by["hybrid", "trl.GRPOTrainer"] / by["hybrid",
@@ -418,7 +426,7 @@ def _plot_against_teacher(rows: list[dict], path: Path) -> None:
                     color=ax.lines[-1].get_color(), label="  its rollout")
     teacher = {r["cap"]: r["step_s"] for r in rows if r["model"] == "teacher"}
     for r in rows:
-        if r["trainer"] == "HybridGRPOTrainer":
+        if r["trainer"] == "HybridGRPOTrainer" and r["cap"] in teacher:
             ax.annotate(f"{teacher[r['cap']] / r['step_s']:.2f}x", (r["cap"], r["step_s"]), textcoords="offset points",
                         xytext=(0, -14), ha="center")
     ax.set_xscale("log", base=2)
@@ -468,7 +476,8 @@ def run_overlap_benchmark(new_tokens: int = 256, prompts: int = 4, generations: 
                           hidden: int = 256, layers: int = 8, vocab: int = 512, rounds: int = 2) -> dict:
     """GRPO steps scored by math-verify (`accuracy_reward`), with `overlap_scoring` off and on, alternating in one
     run: the same completions and rewards (seeded), the checks run after the rollout or while it decodes. `}` ends a
-    completion, so rows finish at different steps with `\\boxed{...}` answers (about 1 in 30 tokens is a digit)."""
+    completion, so rows finish at different steps with `\\boxed{...}` answers (about 1 in 30 tokens is a digit),
+    checked against MATH-style references (fractions, roots, polynomials, sets)."""
     from datasets import Dataset
     from transformers import PrinterCallback
 
@@ -476,8 +485,11 @@ def run_overlap_benchmark(new_tokens: int = 256, prompts: int = 4, generations: 
     from h1rl.rl import HybridGRPOConfig, HybridGRPOTrainer
 
     tokenizer = math_tokenizer(vocab)
+    answers = [  # MATH-style references: math-verify parses each into sympy and compares, as on real data
+        "\\frac{1}{3}+\\sqrt{2}", "x^2+2x+1", "\\frac{\\pi}{4}", "(x+1)^2", "2\\sqrt{2}", "\\{1, 2, 3\\}", "7",
+        "\\frac{3}{4}"]
     rows = {"prompt": [" ".join(f"w{(7 * i + j) % 400}" for j in range(32)) for i in range(64)],
-            "answer": [str(i % 10) for i in range(64)]}
+            "answer": [answers[i % len(answers)] for i in range(64)]}
     dataset = Dataset.from_dict(rows)
     times: dict[bool, list[float]] = {False: [], True: []}
     rewards: dict[bool, list[float]] = {False: [], True: []}
@@ -547,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-grpo", help="--against-teacher, --partial-rollouts: where JSON and PNG go")
     p.add_argument("--resume", action="store_true", help="--against-teacher: keep the runs already measured in --out "
                    "under the same settings")
+    p.add_argument("--only", choices=["teacher", "hybrid"], default=None, help="--against-teacher: measure this "
+                   "model's runs alone (with --resume, the other's come from the journal)")
     p.add_argument("--hidden", type=int, default=None, help="default 256; 512 with --against-teacher and "
                    "--partial-rollouts (their fixed shapes)")
     p.add_argument("--layers", type=int, default=8)
@@ -568,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.against_teacher:
         run_against_teacher(caps=tuple(args.caps), steps=args.repeats or 1, prompts=args.batch,
                             generations=args.generations, device=args.device, hidden=hidden, layers=args.layers,
-                            vocab=vocab, gradient_checkpointing=checkpointing, out_dir=args.out, resume=args.resume)
+                            vocab=vocab, gradient_checkpointing=checkpointing, out_dir=args.out, resume=args.resume,
+                            only=args.only)
     else:
         run_grpo_benchmark(new_tokens=args.new_tokens, generations=args.generations, prompts=args.batch,
                            steps=args.repeats or 2, hidden=hidden, layers=args.layers, vocab=vocab,
