@@ -10,7 +10,8 @@ per page (torch, transformers and TRL are imported once per page, not once per c
 Smoke size: the test appends overrides that shrink steps and data, the way a user would shorten a run (`smoke`
 below; a later `--key value` wins over an earlier one): `h1rl grpo` runs at most 3 steps with completions of at most
 32 tokens, `h1rl distill` 2 steps per stage and 2-step MMR probes, `h1rl eval` 8 problems, `h1rl demo` smaller than
-`demo_quick`, the benchmarks at tiny lengths; dry runs run as they are. `pip install` commands are not run (the test
+`demo_quick`, the benchmarks at tiny lengths (`scripts/compare_decode_step.py` from the checkout, against HEAD); dry
+runs run as they are. `pip install` commands are not run (the test
 runs in the installed package; tests/test_wheel.py checks an install from a wheel). Python blocks run as scripts
 (`>>>` blocks as doctests).
 
@@ -157,6 +158,10 @@ def smoke(argv: list[str], cwd: Path = REPO) -> list[str]:
     if argv[:3] == ["h1rl", "bench", "grpo"]:  # every mode: a tiny model, short caps, one timed step
         return argv + ["--new-tokens", "16", "--caps", "64", "--repeats", "1", "--hidden", "64", "--layers", "2",
                        "--vocab", "512", "--generations", "2", "--batch", "2"]
+    if argv[:2] == ["python", "scripts/compare_decode_step.py"]:  # a checkout's script, against HEAD (a clone may
+        # lack the page's revision)
+        return ["python", str(REPO / argv[1]), "HEAD", *argv[3:], "--hidden", "64", "--vocab", "512", "--rows", "1",
+                "--rounds", "1"]
     if argv[:3] == ["h1rl", "bench", "rollout"]:
         return argv + ["--lengths", "16", "--layers", "2", "--hidden", "64", "--generations", "2", "--batch", "1"]
     return argv
