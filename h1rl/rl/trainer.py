@@ -25,14 +25,17 @@ tool and logging code paths intact.
 
 The sampler/trainer mismatch correction: TRL runs its truncated importance sampling only with vLLM; the engine plays
 vLLM's role. With `importance_sampling_correction` on (None, the default: on unless the policy runs in float32, where
-rollout and training log-probs agree to 1e-5; bfloat16 kernels do not), `_generate_and_score_completions` recomputes
-the old policy's log-probs with the training forward when TRL did not (a no-grad forward, as TRL does under vLLM;
-the engine's log-probs are then never served as old ones), computes TRL's capped ratio pi_old / pi_engine with TRL's
-`vllm_importance_sampling_mode` / `_clip_max` / `_clip_min` (`h1rl.rl.importance`) and logs TRL's `sampling/*`
-metrics, once, on the final batch (after dynamic sampling's refills). TRL's `_compute_loss` multiplies the per-token
-loss by the ratio only under `use_vllm` ("vespo" folds it into its weights regardless): the flag is raised for the
-duration of TRL's `_compute_loss` alone, where it gates nothing else in TRL 1.16 (`tests/rl/test_importance.py`
-checks that the loss and gradient scale with the ratio).
+rollout and training log-probs agree to 1e-5; bfloat16 kernels do not), the ratio pi_old / pi_engine is TRL's,
+capped by its `vllm_importance_sampling_mode` / `_clip_max` / `_clip_min` (`h1rl.rl.importance`), with TRL's
+`sampling/*` metrics. Where the old policy's log-probs come from: TRL's own recomputation when it ran one (the
+batch is trained after an optimizer update); otherwise the batch is trained before any update, the old policy is the
+one being trained, and the ratio comes from each micro-batch's training forward (its log-probs, detached; TRL's
+convention for the old log-probs in that case), filled in inside `_compute_loss` before TRL reads it. TRL under vLLM
+runs a separate no-grad forward of the whole batch there instead: a forward per step saved (measured: 44 s of a
+160 s CPU step at a 1k cap). The engine's log-probs are never served as old ones while the correction is on.
+TRL's `_compute_loss` multiplies the per-token loss by the ratio only under `use_vllm` ("vespo" folds it into its
+weights regardless): the flag is raised for the duration of TRL's `_compute_loss` alone, where it gates nothing
+else in TRL 1.16 (`tests/rl/test_importance.py` checks that the loss and gradient scale with the ratio).
 
 `share_prompt_prefix` (None: on on CPU, off on CUDA): see `h1rl.rl.training_pass` and docs/grpo.md. On CUDA the
 shared prompt's continuation needs a key mask, which the memory-efficient kernel keeps as a (T, S) bias per
@@ -57,7 +60,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
-from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.models.utils import unwrap_model_for_generation
 
 from h1rl.models.mamba import MambaMixer
 from h1rl.rewards import checked
@@ -154,6 +157,7 @@ class HybridGRPOTrainer(GRPOTrainer):
         self._rollouts_at_step = 0
         self._served_logps: torch.Tensor | None = None  # (R, L) engine log-probs of the batch being scored
         self._serve_old_logps = False
+        self._ratio_inputs: dict | None = None  # the micro-batch whose IS ratio the training forward fills in
         self.share_prompt_prefix = settings["share_prompt_prefix"]  # None: decided per call, where the tensors are
         self.length_chunks = settings["length_chunks"]
         self.rollout_budget = rollout_budget or RolloutBudget(settings["rollout_max_rows"],
@@ -300,22 +304,30 @@ class HybridGRPOTrainer(GRPOTrainer):
         return output
 
     def _correct_sampling_mismatch(self, output: dict) -> dict:
-        """TRL's vLLM importance-sampling correction with the engine as the sampler, on the final batch: the old
-        policy's log-probs from the training forward (run here, no grad, when TRL did not run it), the capped ratio
-        against the engine's log-probs for `_compute_loss`, and TRL's `sampling/*` metrics (`h1rl.rl.importance`)."""
-        mode = "train" if self.model.training else "eval"
+        """TRL's vLLM importance-sampling correction with the engine as the sampler, on the final batch.
+
+        When TRL computed the old policy's log-probs (generation and optimizer steps misaligned: the batch is trained
+        after an update), the capped ratio against the engine's log-probs is computed here, with TRL's `sampling/*`
+        metrics (`h1rl.rl.importance`). Otherwise the batch is trained before any update, so the old policy is the
+        policy of the training forward: TRL (under vLLM) and h1rl before would run a separate no-grad forward of
+        the whole batch for its log-probs; here the ratio is left to `_compute_loss`, which takes it from the
+        training forward's own detached log-probs (`_fill_deferred_ratio`), a forward fewer per step."""
         completion_mask = output["completion_mask"]  # (R, Tc)
+        if "old_per_token_logps" not in output:
+            token_level = self.vllm_importance_sampling_mode.startswith("token")
+            shape = completion_mask.shape if token_level else (completion_mask.shape[0], 1)
+            # (R, Tc) or (R, 1): split and shuffled with the rows by TRL; NaN until the training forward fills it
+            output["importance_sampling_ratio"] = completion_mask.new_full(shape, float("nan"), dtype=torch.float32)
+            return output
+        mode = "train" if self.model.training else "eval"
         mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]  # (R, Tc)
-        if "old_per_token_logps" not in output:  # TRL ran it only for misaligned generation and optimizer steps
-            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # (R, Tp + Tc)
-            attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)  # (R, Tp + Tc)
-            args = self.args
-            batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, args.gradient_checkpointing_kwargs):
-                output["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, completion_mask.shape[1], batch_size=batch_size
-                )
-        old, sampling = output["old_per_token_logps"], output["sampling_per_token_logps"]  # (R, Tc), (R, Tc)
+        output["importance_sampling_ratio"] = self._ratio_and_metrics(
+            output["old_per_token_logps"], output["sampling_per_token_logps"], mask, mode)
+        return output
+
+    def _ratio_and_metrics(self, old: torch.Tensor, sampling: torch.Tensor, mask: torch.Tensor, mode: str
+                           ) -> torch.Tensor:
+        """TRL's capped ratio pi_old / pi_engine of (R, Tc) log-probs, and its `sampling/*` metrics logged."""
         ratio = importance_sampling_ratio(  # (R, Tc) token modes, (R, 1) sequence modes
             old, sampling, mask, self.vllm_importance_sampling_mode,
             self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min,
@@ -324,8 +336,16 @@ class HybridGRPOTrainer(GRPOTrainer):
                                    gather=self.accelerator.gather)
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
-        output["importance_sampling_ratio"] = ratio
-        return output
+        return ratio
+
+    def _fill_deferred_ratio(self, inputs: dict, logps: torch.Tensor) -> None:
+        """The ratio of a micro-batch trained before any update: the policy's log-probs `logps` (R, Tc) from its
+        training forward, detached, are the old policy's (TRL's own convention in that case)."""
+        completion_mask = inputs["completion_mask"]  # (R, Tc)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mode = "train" if self.model.training else "eval"
+        inputs["importance_sampling_ratio"] = self._ratio_and_metrics(
+            logps.detach(), inputs["sampling_per_token_logps"], mask, mode)
 
     def _partial_rollout_step(self, inputs: list[dict]) -> list[dict]:
         """The rounds of partial rollouts (`h1rl.rl.partial_rollouts`): the batch's dataset rows, its completions
@@ -390,13 +410,30 @@ class HybridGRPOTrainer(GRPOTrainer):
         call alone; within TRL 1.16's `_compute_loss` it gates nothing else."""
         if "importance_sampling_ratio" not in inputs:
             return super()._compute_loss(model, inputs)
+        deferred = bool(torch.isnan(inputs["importance_sampling_ratio"]).any())
+        self._ratio_inputs = inputs if deferred else None  # filled by the training forward, before TRL reads it
         self.use_vllm = True
         try:
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
         finally:
             self.use_vllm = False
+            missed, self._ratio_inputs = self._ratio_inputs is not None, None
+        if missed:  # TRL 1.16 computes the policy's log-probs first; a TRL that does not would train on NaN
+            raise RuntimeError("HybridGRPOTrainer: the importance-sampling ratio was not filled in by the training "
+                               "forward (TRL's _compute_loss no longer calls _get_per_token_logps_and_entropies "
+                               "with compute_entropy=True first?)")
+        return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        target = self._ratio_inputs
+        if target is not None and kwargs.get("compute_entropy", False):
+            # set only inside `_trl_compute_loss`, whose one forward with entropies is the policy's training forward
+            # (`model` may be the DeepSpeed engine wrapping self.model): its log-probs give the ratio
+            self._ratio_inputs = None
+            logps, entropies, aux = self._logps_by_length(model, input_ids, attention_mask, logits_to_keep, *args,
+                                                          **kwargs)
+            self._fill_deferred_ratio(target, logps)
+            return logps, entropies, aux
         serve = (
             self._serve_old_logps
             and self._served_logps is not None

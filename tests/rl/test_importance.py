@@ -167,11 +167,12 @@ class Spy:
             self.ratios.append((old.clone(), sampling.clone(), mask.clone(), out.clone()))
             return out
 
-        def loss(trainer, model, inputs):
+        def loss(trainer, model, inputs):  # the ratio as TRL used it: filled in by the training forward if deferred
+            use_vllm = trainer.use_vllm
+            out = compute_loss(trainer, model, inputs)
             ratio = inputs.get("importance_sampling_ratio")
-            self.losses.append((trainer.use_vllm, None if ratio is None else ratio.clone(),
-                                inputs["completion_ids"].shape))
-            return compute_loss(trainer, model, inputs)
+            self.losses.append((use_vllm, None if ratio is None else ratio.clone(), inputs["completion_ids"].shape))
+            return out
 
         monkeypatch.setattr(trainer_module, "importance_sampling_ratio", ratio)
         monkeypatch.setattr(GRPOTrainer, "_compute_loss", loss)
@@ -229,9 +230,43 @@ def test_bf16_rollouts_are_corrected_with_capped_ratios(tmp_path, monkeypatch, m
     assert spy.losses and all(use_vllm for use_vllm, _, _ in spy.losses)  # TRL applies the ratio under use_vllm
     for _, ratio, shape in spy.losses:
         assert ratio is not None and ratio.shape == (shape[0], shape[1] if mode.startswith("token") else 1)
+        assert not torch.isnan(ratio).any()
         assert any(  # rows of a ratio computed above (TRL shuffles the rows and splits them into micro-batches)
             r.shape[1] == ratio.shape[1] and all((r == row).all(-1).any() for row in ratio) for *_, r in spy.ratios
         )
+
+
+@pytest.mark.parametrize("steps_per_generation", [1, 2])
+def test_batches_trained_before_an_update_take_the_ratio_from_the_training_forward(tmp_path, monkeypatch,
+                                                                                   steps_per_generation):
+    """Generation and optimizer steps aligned (steps_per_generation 1): the old policy is the trained one, so no
+    forward runs besides the training forward (TRL under vLLM runs a no-grad one of the whole batch), and the
+    ratio TRL applies is the one computed from that forward's log-probs. Misaligned (2): TRL's own no-grad
+    recomputation gives the old log-probs, once per generation."""
+    spy = Spy(monkeypatch)
+    forwards = []
+    original = HybridGRPOTrainer._logps_by_length
+
+    def counted(self, model, *args, **kwargs):
+        forwards.append(torch.is_grad_enabled())
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(HybridGRPOTrainer, "_logps_by_length", counted)
+    tokenizer = tiny_tokenizer()
+    args = grpo_args(tmp_path, max_completion_length=16, steps_per_generation=steps_per_generation,
+                     vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=1.01)
+    trainer = HybridGRPOTrainer(model=sharpened_hybrid(tokenizer, torch.bfloat16), reward_funcs=distinct_words,
+                                args=args, train_dataset=prompts_dataset(), processing_class=tokenizer)
+    trainer.train()
+    no_grad = forwards.count(False)
+    assert no_grad == (0 if steps_per_generation == 1 else 1), forwards  # 2 steps, 1 or 2 per generation
+    assert forwards.count(True) == 2  # the training forwards
+    assert len(spy.ratios) == (2 if steps_per_generation == 1 else 1)  # per micro-batch, or per generation
+    for (_, ratio, _), (*_, computed) in zip(spy.losses, spy.ratios, strict=steps_per_generation == 1):
+        if steps_per_generation == 1:
+            assert torch.equal(ratio, computed)
+    logs = [e for e in trainer.state.log_history if "sampling/sampling_logp_difference/mean" in e]
+    assert logs and all(e["sampling/sampling_logp_difference/mean"] > 0 for e in logs)
 
 
 @pytest.mark.parametrize("steps_per_generation", [1, 2])

@@ -72,23 +72,34 @@ def test_older_policy_tokens_get_capped_ratios_and_current_ones_ratio_one(tmp_pa
     run = trainer(tmp_path, lr=0.5, vllm_importance_sampling_mode="token_truncate",
                   vllm_importance_sampling_clip_max=cap)
     assert run.importance_sampling_correction  # forced on: float32 would leave it off
-    seen = []
-    correct = HybridGRPOTrainer._correct_sampling_mismatch
+    seen, filled = [], []
+    correct, fill = HybridGRPOTrainer._correct_sampling_mismatch, HybridGRPOTrainer._fill_deferred_ratio
 
-    def spy(self, output):
+    def spy(self, output):  # each row's count of older-policy tokens, as the batch is made
         output = correct(self, output)
         older = [n for g in self.partial_rollouts.last_batch for n in g.older_tokens]
-        seen.append((output["importance_sampling_ratio"].clone(), output["completion_mask"].clone(), older))
+        seen.extend(zip(output["completion_ids"].tolist(), older, strict=True))
         return output
 
+    def spy_fill(self, inputs, logps):  # the ratio each (shuffled) row is trained with, from its training forward
+        fill(self, inputs, logps)
+        filled.extend(zip(inputs["completion_ids"].tolist(), inputs["importance_sampling_ratio"].clone(),
+                          inputs["completion_mask"].clone(), strict=True))
+
     monkeypatch.setattr(HybridGRPOTrainer, "_correct_sampling_mismatch", spy)
+    monkeypatch.setattr(HybridGRPOTrainer, "_fill_deferred_ratio", spy_fill)
     run.train()
+    older_of = {}
+    for ids, n in seen:  # rows matched by their tokens; a completion seen twice with other counts is left out
+        older_of[tuple(ids)] = n if older_of.get(tuple(ids), n) == n else None
     old_ratios, new_ratios = [], []
-    for ratio, mask, older in seen:
-        for r, n in enumerate(older):
-            real = mask[r].bool()
-            old_ratios.append(ratio[r, :n][real[:n]])
-            new_ratios.append(ratio[r, n:][real[n:]])
+    for ids, ratio, mask in filled:
+        n = older_of.get(tuple(ids))
+        if n is None:
+            continue
+        real = mask.bool()
+        old_ratios.append(ratio[:n][real[:n]])
+        new_ratios.append(ratio[n:][real[n:]])
     old, new = torch.cat(old_ratios), torch.cat(new_ratios)
     assert old.numel() > 0 and new.numel() > 0
     assert (new - 1).abs().max() <= 1e-4  # the current policy's own tokens (float32)
